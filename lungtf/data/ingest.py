@@ -1,0 +1,262 @@
+"""Read a lung tile dataset into ``Record``s and check every file before training.
+
+Three input layouts are accepted, so the same code reads the Kaggle download, a hand-placed copy
+and a split manifest:
+
+* a class-folder dataset: one sub-folder per class in ``CLASS_NAMES`` (LC25000's
+  ``lung_image_sets/``), possibly with other files beside them (``groups.csv``, a README);
+* the original LC25000 root ``lung_colon_image_set/`` holding ``lung_image_sets/`` and
+  ``colon_image_sets/`` — the colon tiles are left out, as in the study, and the log says so;
+* a CSV manifest ``path,label[,group[,split[,protocol]]]`` (relative paths resolve against the
+  CSV's folder).
+
+A folder whose only sub-folder holds one of those layouts (e.g. what kagglehub unpacks) is
+followed down. ``check_images`` then opens every file: a broken file is reported and skipped,
+so one bad tile never stops an epoch.
+
+Colour policy: grayscale (``L``, ``LA``), palette (``P``) and alpha (``RGBA``) images are *kept*
+and converted to RGB by the pipeline (``tf.io.decode_image(channels=3)`` replicates gray and drops
+alpha). Other modes (CMYK, 16-bit, float) and formats other than JPEG/PNG are reported as bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from lungtf.constants import CLASS_NAMES, SPLIT_NAMES
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
+"""File name endings read from class folders (case-insensitive); other files are ignored."""
+
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG")
+"""Formats (as PIL names them) that the pipeline decodes."""
+
+CONVERTIBLE_MODES: tuple[str, ...] = ("RGB", "L", "LA", "P", "RGBA")
+"""PIL colour modes that ``decode_image(channels=3)`` turns into RGB; anything else is bad."""
+
+LC25000_LUNG = "lung_image_sets"
+LC25000_COLON = "colon_image_sets"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: absolute ``path``, class ``label`` (from ``CLASS_NAMES``), optional source-tile
+    ``group`` and ``split`` (``train``/``val``/``test``)."""
+
+    path: str
+    label: str
+    group: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file that cannot be used for training, and why (a short human-readable reason)."""
+
+    path: str
+    reason: str
+
+
+def load_records(source: str | os.PathLike) -> list[Record]:
+    """Read every image of a dataset folder or CSV manifest.
+
+    Args:
+        source: a class-folder dataset, the LC25000 root, a folder holding one of these as its
+            only sub-folder, or a CSV manifest ``path,label[,group[,split[,protocol]]]``.
+
+    Returns:
+        Records with absolute paths; folder datasets sorted by class then path, manifests in file
+        order.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: unknown class folders or labels, a manifest without ``path``/``label``
+            columns, or a folder that holds no class folders.
+    """
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"dataset not found: {src} (expected a folder or a CSV manifest)")
+    if src.is_file():
+        return _read_csv(src)
+    root = _class_root(src.resolve())
+    records: list[Record] = []
+    skipped = 0
+    for label in sorted(p.name for p in _subdirs(root)):
+        for path in sorted((root / label).rglob("*")):
+            if not path.is_file():
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                records.append(Record(str(path), label))
+            else:
+                skipped += 1
+    if skipped:
+        log.info("ignored %d non-image files (suffix not in %s) under %s", skipped,
+                 ", ".join(IMAGE_SUFFIXES), root)
+    missing = sorted(set(CLASS_NAMES) - {r.label for r in records})
+    if missing:
+        log.warning("no images for class(es) %s under %s", ", ".join(missing), root)
+    return records
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _class_root(folder: Path, depth: int = 0) -> Path:
+    """The folder whose sub-folders are the classes, following LC25000 and single-folder nesting."""
+    subdirs = _subdirs(folder)
+    names = [p.name for p in subdirs]
+    if any(n in CLASS_NAMES for n in names):
+        unknown = [n for n in names if n not in CLASS_NAMES]
+        if unknown:
+            raise ValueError(
+                f"unknown class folder(s) {unknown} in {folder} (found {names}); "
+                f"allowed class folders are {', '.join(CLASS_NAMES)}"
+            )
+        return folder
+    if LC25000_LUNG in names:
+        if LC25000_COLON in names:
+            log.info("LC25000 root %s: using %s/, leaving out %s/ (colon tiles, as in the study)",
+                     folder, LC25000_LUNG, LC25000_COLON)
+        return _class_root(folder / LC25000_LUNG, depth + 1)
+    if len(subdirs) == 1 and depth < 3:
+        return _class_root(subdirs[0], depth + 1)
+    raise ValueError(
+        f"no class folders in {folder} (found sub-folders {names}); expected one sub-folder per "
+        f"class ({', '.join(CLASS_NAMES)}), the LC25000 root with {LC25000_LUNG}/, "
+        f"or a CSV manifest path,label[,group]"
+    )
+
+
+def _read_csv(path: Path) -> list[Record]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        if "path" not in columns or "label" not in columns:
+            raise ValueError(
+                f"manifest {path} has columns {columns}; it needs path,label "
+                f"and may add group,split,protocol"
+            )
+        rows = list(reader)
+    records = []
+    for line, row in enumerate(rows, start=2):
+        label, split = row["label"].strip(), (row.get("split") or "").strip() or None
+        if label not in CLASS_NAMES:
+            raise ValueError(
+                f"{path}:{line}: unknown label {label!r}; allowed are {', '.join(CLASS_NAMES)}"
+            )
+        if split is not None and split not in SPLIT_NAMES:
+            raise ValueError(
+                f"{path}:{line}: unknown split {split!r}; allowed are {', '.join(SPLIT_NAMES)}"
+            )
+        file = Path(row["path"].strip()).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        group = (row.get("group") or "").strip() or None
+        records.append(Record(str(file.resolve()), label, group, split))
+    return records
+
+
+def check_image(path: str, min_side: int = 32) -> str | None:
+    """Return why ``path`` cannot be trained on, or ``None`` when it is usable.
+
+    The whole image is decoded (JPEGs at 1/8 scale via PIL's ``draft``, which still reads every
+    byte of the compressed data), so truncated files are caught, not only bad headers.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        return f"cannot read: {err.strerror or err}"
+    if size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as img:
+            if img.format not in IMAGE_FORMATS:
+                return f"format {img.format} is not one of {', '.join(IMAGE_FORMATS)}"
+            if img.mode not in CONVERTIBLE_MODES:
+                return f"colour mode {img.mode} is not RGB or convertible to RGB"
+            width, height = img.size
+            if min(width, height) < min_side:
+                return f"too small: {width}x{height} px (smallest side must be >= {min_side})"
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except UnidentifiedImageError:
+        return "not an image (unrecognised content)"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"cannot decode: {err}"
+    return None
+
+
+def check_images(
+    records: list[Record], min_side: int = 32, workers: int | None = None
+) -> tuple[list[Record], list[BadFile]]:
+    """Open every file in parallel threads and split the records into usable and bad.
+
+    Args:
+        records: what ``load_records`` returned.
+        min_side: images whose smaller side is below this many pixels are reported as too small.
+        workers: decoding threads (PIL releases the GIL while decoding); default CPU count + 2.
+
+    Returns:
+        ``(good, bad)``: good records in input order, and one ``BadFile`` per unusable file.
+    """
+    workers = workers or (os.cpu_count() or 1) + 2
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(lambda r: check_image(r.path, min_side), records, chunksize=64))
+    good = [r for r, why in zip(records, reasons) if why is None]
+    bad = [BadFile(r.path, why) for r, why in zip(records, reasons) if why is not None]
+    for b in bad:
+        log.warning("skipping %s: %s", b.path, b.reason)
+    return good, bad
+
+
+def write_bad_report(bad: list[BadFile], path: str | os.PathLike) -> None:
+    """Write the bad files as a ``path,reason`` CSV (a header only when none are bad)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "reason"])
+        writer.writerows((b.path, b.reason) for b in bad)
+
+
+def _check_command(args: argparse.Namespace) -> int:
+    records = load_records(args.data)
+    good, bad = check_images(records, min_side=args.min_side)
+    total, usable = Counter(r.label for r in records), Counter(r.label for r in good)
+    print(f"{'class':<10} {'files':>7} {'usable':>7} {'bad':>5}")
+    for name in CLASS_NAMES:
+        print(f"{name:<10} {total[name]:>7} {usable[name]:>7} {total[name] - usable[name]:>5}")
+    print(f"{'total':<10} {len(records):>7} {len(good):>7} {len(bad):>5}")
+    for b in bad:
+        print(f"bad: {b.path}: {b.reason}")
+    if args.report:
+        write_bad_report(bad, args.report)
+        print(f"bad-file report written to {args.report}")
+    if not good:
+        print(f"no usable images in {args.data}")
+        return 1
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``check``: count images per class and list the files training would skip."""
+    p = subparsers.add_parser(
+        "check", help="check every image (decodable JPEG/PNG, RGB-convertible, not tiny)",
+        description="Open every image of a dataset and report the ones training would skip.",
+    )
+    p.add_argument("--data", required=True,
+                   help="class-folder dataset, LC25000 root, or CSV manifest path,label[,group]")
+    p.add_argument("--report", help="write the bad files as a path,reason CSV here")
+    p.add_argument("--min-side", type=int, default=32,
+                   help="smallest allowed image side in pixels (default 32)")
+    p.set_defaults(func=_check_command)
