@@ -89,7 +89,7 @@ def load_records(source: str | os.PathLike) -> list[Record]:
         raise FileNotFoundError(f"dataset not found: {src} (expected a folder or a CSV manifest)")
     if src.is_file():
         return _read_csv(src)
-    root = _class_root(src.resolve())
+    root = find_class_root(src.resolve())
     records: list[Record] = []
     skipped = 0
     for label in sorted(p.name for p in _subdirs(root)):
@@ -113,8 +113,15 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _class_root(folder: Path, depth: int = 0) -> Path:
-    """The folder whose sub-folders are the classes, following LC25000 and single-folder nesting."""
+def find_class_root(folder: Path, depth: int = 0) -> Path:
+    """Return the folder whose sub-folders are the classes.
+
+    Follows the LC25000 root (``lung_image_sets/``, colon left out) and folders whose only
+    sub-folder holds the dataset (as kagglehub unpacks it), at most three levels down.
+
+    Raises:
+        ValueError: unknown class folders, or no class folders at all.
+    """
     subdirs = _subdirs(folder)
     names = [p.name for p in subdirs]
     if any(n in CLASS_NAMES for n in names):
@@ -129,9 +136,9 @@ def _class_root(folder: Path, depth: int = 0) -> Path:
         if LC25000_COLON in names:
             log.info("LC25000 root %s: using %s/, leaving out %s/ (colon tiles, as in the study)",
                      folder, LC25000_LUNG, LC25000_COLON)
-        return _class_root(folder / LC25000_LUNG, depth + 1)
+        return find_class_root(folder / LC25000_LUNG, depth + 1)
     if len(subdirs) == 1 and depth < 3:
-        return _class_root(subdirs[0], depth + 1)
+        return find_class_root(subdirs[0], depth + 1)
     raise ValueError(
         f"no class folders in {folder} (found sub-folders {names}); expected one sub-folder per "
         f"class ({', '.join(CLASS_NAMES)}), the LC25000 root with {LC25000_LUNG}/, "
