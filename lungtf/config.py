@@ -116,6 +116,214 @@ class ModelConfig:
             )
 
 
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+"""``auto``: mixed_float16 when a GPU is visible, float32 otherwise."""
+
+DISTRIBUTIONS: tuple[str, ...] = ("auto", "none", "mirrored", "multiworker")
+"""``auto``: MultiWorkerMirrored when ``TF_CONFIG`` is set, Mirrored over 2+ GPUs, else none."""
+
+SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
+"""Learning-rate schedules of a training phase (warm-up then cosine decay, one-cycle, flat)."""
+
+PRESETS: tuple[str, ...] = ("cpu", "gpu")
+"""Preset YAML files shipped in ``lungtf/configs/``."""
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each backbone is trained (the same for every backbone of one run).
+
+    Transfer backbones train in two phases: ``head_epochs`` with the backbone frozen (BatchNorm
+    in inference mode) at ``lr``, then ``epochs`` with everything trainable at
+    ``lr * finetune_lr_factor``. From-scratch backbones (or ``weights: none``) train all layers
+    for ``scratch_epochs`` at ``lr``.
+
+    Attributes:
+        head_epochs: phase-1 epochs (new head only); 0 skips phase 1.
+        epochs: phase-2 epochs (all layers) of transfer backbones.
+        scratch_epochs: epochs of backbones trained from scratch.
+        lr: peak learning rate, or ``"auto"`` to take ``lr_find``'s suggestion.
+        finetune_lr_factor: phase-2 peak LR as a fraction of ``lr``.
+        schedule: one of ``SCHEDULES``.
+        warmup_fraction: share of a phase's steps spent warming up (cosine) or rising (one-cycle).
+        weight_decay: AdamW decoupled weight decay.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        early_stopping_patience: epochs without val_accuracy gain before stopping; 0 disables.
+        lr_find_steps: steps of the exponential LR sweep of ``lr_find``.
+        precision: one of ``PRECISIONS``.
+        jit_compile: ``"auto"`` (XLA when a GPU is visible), ``True`` or ``False``.
+        distribution: one of ``DISTRIBUTIONS``.
+        device_augment: ``"auto"`` (augment inside the training step when a GPU is visible),
+            ``True`` or ``False`` (augment in the tf.data pipeline).
+    """
+
+    head_epochs: int = 2
+    epochs: int = 8
+    scratch_epochs: int = 30
+    lr: float | str = 1e-3
+    finetune_lr_factor: float = 0.1
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 5
+    lr_find_steps: int = 100
+    precision: str = AUTO
+    jit_compile: bool | str = AUTO
+    distribution: str = AUTO
+    device_augment: bool | str = AUTO
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads ``1e-3`` (no dot) as a string: accept any number written as text.
+        if isinstance(self.lr, str) and self.lr != AUTO:
+            try:
+                object.__setattr__(self, "lr", float(self.lr))
+            except ValueError:
+                pass  # validate() reports it with the allowed values
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, what it got and what is allowed."""
+        for name in ("head_epochs", "epochs", "scratch_epochs", "early_stopping_patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        if self.epochs + self.head_epochs < 1 or self.scratch_epochs < 1:
+            raise ValueError(
+                "a run needs at least one epoch: head_epochs + epochs >= 1 and scratch_epochs >= 1;"
+                f" got {self.head_epochs} + {self.epochs} and {self.scratch_epochs}"
+            )
+        if self.lr != AUTO and not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 10):
+            raise ValueError(f"lr must be a number in (0, 10] or 'auto'; got {self.lr!r}")
+        if not 0 < self.finetune_lr_factor <= 1:
+            raise ValueError(
+                f"finetune_lr_factor must be in (0, 1]; got {self.finetune_lr_factor}"
+            )
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"weight_decay must be in [0, 1); got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        if not isinstance(self.lr_find_steps, int) or self.lr_find_steps < 10:
+            raise ValueError(f"lr_find_steps must be an integer >= 10; got {self.lr_find_steps!r}")
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("jit_compile", self.jit_compile, (AUTO, True, False))
+        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("device_augment", self.device_augment, (AUTO, True, False))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``python -m lungtf.train`` run needs; written as the run's ``config.yaml``.
+
+    Attributes:
+        data: input, split and pipeline settings.
+        model: model settings shared by every backbone (``backbone``/``variant`` are overridden
+            per entry of ``backbones``).
+        train: the training recipe, the same for every backbone.
+        backbones: entries ``name`` or ``name:variant`` (e.g. ``regnet:400mf``), trained in order
+            on the same split, transforms, batch size and schedule.
+        name: the run's name; the run directory is ``<output>/<UTC timestamp>-<name>``.
+        output: folder that holds run directories.
+        preset: the preset YAML the run started from (``cpu``/``gpu``), recorded for the reader.
+    """
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    backbones: tuple[str, ...] = ("resnet50", "efficientnetv2", "regnet", "resnet34")
+    name: str = "train"
+    output: str = "runs"
+    preset: str | None = None
+
+    def validate(self) -> None:
+        """Validate every section, then the run-level fields; ``ValueError`` says what is wrong.
+
+        Backbone names are checked against ``lungtf.models.list_backbones()`` (imported here, so
+        validation happens before any data is read or any model is built).
+        """
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        if self.data.image_size != self.model.image_size:
+            raise ValueError(
+                f"data.image_size ({self.data.image_size}) and model.image_size "
+                f"({self.model.image_size}) must be equal; set both or use --image-size"
+            )
+        if not self.backbones:
+            raise ValueError("backbones must name at least one backbone; got none")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ValueError(f"backbones must not repeat; got {list(self.backbones)}")
+        from lungtf.models import list_backbones
+
+        known = list_backbones()
+        for entry in self.backbones:
+            if entry.split(":")[0] not in known:
+                raise ValueError(
+                    f"unknown backbone {entry!r} in backbones; known: {', '.join(known)}"
+                )
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ValueError(
+                f"name must be non-empty without '/', '\\' or spaces; got {self.name!r}"
+            )
+        if self.preset is not None:
+            _check_choice("preset", self.preset, PRESETS)
+
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+"""Where the preset YAML files live (package data)."""
+
+
+def _mirror_image_size(layer: dict[str, Any]) -> dict[str, Any]:
+    """Copy ``image_size`` between the ``data`` and ``model`` sections when a layer sets only one.
+
+    The pipeline's resize and the model's input must agree, so a YAML file that sets the size in
+    one section sets it for both.
+    """
+    layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+    data, model = layer.get("data") or {}, layer.get("model") or {}
+    if "image_size" in data and "image_size" not in model:
+        layer["model"] = {**model, "image_size": data["image_size"]}
+    elif "image_size" in model and "image_size" not in data:
+        layer["data"] = {**data, "image_size": model["image_size"]}
+    return layer
+
+
+def resolve_run_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Resolve a ``RunConfig``: defaults, then the preset, then ``config_file``, then overrides.
+
+    Args:
+        preset: ``cpu`` or ``gpu`` (``lungtf/configs/<preset>.yaml``), or ``None``.
+        config_file: a user YAML file with the same nested layout as ``config.yaml``.
+        overrides: a nested mapping (e.g. from CLI flags), applied last.
+
+    Returns:
+        The resolved configuration; not yet validated (call ``validate()``).
+
+    Raises:
+        ValueError: unknown preset, or an unknown key in any layer.
+    """
+    cfg = RunConfig()
+    layers: list[dict[str, Any]] = []
+    if preset is not None:
+        _check_choice("preset", preset, PRESETS)
+        layers.append({**load_yaml(PRESET_DIR / f"{preset}.yaml"), "preset": preset})
+    if config_file is not None:
+        layers.append(load_yaml(config_file))
+    if overrides:
+        layers.append(overrides)
+    for layer in layers:
+        cfg = from_dict(RunConfig, _mirror_image_size(layer), cfg)
+    return cfg
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain ``dict`` (tuples as lists) of a config dataclass, ready for YAML."""
 
@@ -171,10 +379,17 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 __all__ = [
     "AUGMENTATIONS",
     "DEFAULT_AUGMENT",
+    "DISTRIBUTIONS",
+    "PRECISIONS",
+    "PRESETS",
+    "SCHEDULES",
     "DataConfig",
     "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
     "dump_yaml",
     "from_dict",
     "load_yaml",
+    "resolve_run_config",
     "to_dict",
 ]

@@ -2,7 +2,18 @@
 
 import pytest
 
-from lungtf.config import DataConfig, ModelConfig, dump_yaml, from_dict, load_yaml, to_dict
+from lungtf.config import (
+    PRESET_DIR,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    resolve_run_config,
+    to_dict,
+)
 from lungtf.constants import CLASS_NAMES, class_index, is_cancer
 
 
@@ -36,3 +47,57 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     assert to_dict(cfg)["augment"] == ["rotate"]
     with pytest.raises(ValueError, match="imagesize"):
         from_dict(DataConfig, {"imagesize": 64})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"epochs": -1}, "epochs must be an integer >= 0; got -1"),
+        ({"head_epochs": 0, "epochs": 0}, "at least one epoch"),
+        ({"lr": "fast"}, "lr must be a number in \\(0, 10\\] or 'auto'; got 'fast'"),
+        ({"schedule": "step"}, "schedule must be one of cosine, onecycle, constant; got 'step'"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"precision": "float16"}, "float16"),
+        ({"jit_compile": "yes"}, "jit_compile"),
+        ({"distribution": "tpu"}, "tpu"),
+    ],
+)
+def test_train_config_validate(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes).validate()
+
+
+def test_resolution_order_defaults_preset_file_flags(tmp_path):
+    assert RunConfig().train.scratch_epochs == TrainConfig().scratch_epochs
+    preset = load_yaml(PRESET_DIR / "cpu.yaml")
+    cfg = resolve_run_config("cpu")
+    assert cfg.preset == "cpu" and cfg.data.image_size == preset["data"]["image_size"]
+    assert cfg.train.head_epochs == TrainConfig().head_epochs  # not in the preset: default kept
+    user = tmp_path / "my.yaml"
+    user.write_text("data:\n  image_size: 48\ntrain:\n  lr: 1e-3\n  scratch_epochs: 3\n")
+    cfg = resolve_run_config("cpu", user, {"train": {"scratch_epochs": 1}})
+    assert cfg.data.image_size == cfg.model.image_size == 48  # mirrored into the model section
+    assert cfg.train.lr == 0.001  # YAML 1.1 reads 1e-3 as text; taken as a number
+    assert cfg.train.scratch_epochs == 1  # flags beat the file
+    assert cfg.data.cache == preset["data"]["cache"]  # preset value survives the later layers
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    assert from_dict(RunConfig, load_yaml(tmp_path / "config.yaml")) == cfg
+
+
+def test_resolution_rejects_unknown_preset_and_keys(tmp_path):
+    with pytest.raises(ValueError, match="preset must be one of cpu, gpu; got 'tpu'"):
+        resolve_run_config("tpu")
+    with pytest.raises(ValueError, match="unknown TrainConfig keys \\['epoch'\\]"):
+        resolve_run_config(None, None, {"train": {"epoch": 3}})
+
+
+def test_both_presets_load_and_state_their_recipe():
+    gpu = resolve_run_config("gpu")
+    assert (gpu.data.image_size, gpu.data.batch_size) == (224, 64)
+    assert gpu.backbones == ("resnet50", "efficientnetv2", "regnet", "resnet34")
+    cpu = resolve_run_config("cpu")
+    assert cpu.model.weights == "none" and cpu.data.image_size < 224
+    for cfg in (gpu, cpu):
+        cfg.data.validate()
+        cfg.model.validate()
+        cfg.train.validate()
