@@ -1,0 +1,284 @@
+"""Export a trained model as a TF-Serving SavedModel: ``<base>/<version>/`` with fixed signatures.
+
+``python -m lungtf.export RUN_OR_MODEL --base-path models/lungtf [--version N]``
+
+The SavedModel is what TensorFlow Serving (production) and ``lungtf.serving`` (development) load,
+so its interface is fixed here and nowhere else:
+
+- ``serving_default(image_bytes: string [N])`` decodes JPEG/PNG to 3 channels and squish-resizes
+  them bilinearly to the model's size, exactly as the training pipeline does (``tf.image.resize``),
+  then runs ``model(x, training=False)`` (the model holds its own preprocessing).
+- ``predict_pixels(pixels: float32 [N, S, S, 3])`` takes raw 0-255 pixels already at the size.
+- Both answer ``probabilities`` float32 [N, 3], ``class_id`` int64 [N] and ``class_name`` string
+  [N] (``lungtf.constants.CLASS_NAMES``); when ``lungtf.json`` holds a ``temperature`` other than 1
+  the probabilities are temperature-scaled, ``softmax(log p / T)``.
+- ``metadata()`` answers ``json``: the ``lungtf.json`` contents as one string.
+
+A version is written into a hidden temporary folder inside the base path and renamed into place,
+so a server polling the base path never sees a half-written version. ``assets/lungtf.json`` and
+``assets.extra/tf_serving_warmup_requests`` (PredictionLog records TF Serving replays at load) are
+written with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lungtf.constants import CLASS_NAMES
+
+SERVING_SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = "predict_pixels"
+METADATA_SIGNATURE = "metadata"
+OUTPUT_KEYS: tuple[str, ...] = ("probabilities", "class_id", "class_name")
+WARMUP_FILE = "tf_serving_warmup_requests"
+METADATA_FILE = "lungtf.json"
+
+
+def numeric_versions(base_path: str | Path) -> list[int]:
+    """Sorted integer version folders under ``base_path`` (other names are not versions)."""
+    base = Path(base_path)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def load_source(source: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Load the model and its ``lungtf.json`` metadata from a run directory or a ``.keras`` file.
+
+    Args:
+        source: a run directory (``best/model.keras`` + ``best/lungtf.json``, as written by
+            ``python -m lungtf.train``) or a ``.keras`` file, with a ``lungtf.json`` beside it
+            when there is one.
+
+    Returns:
+        ``(model, metadata)``; metadata is ``{}`` when no ``lungtf.json`` exists.
+
+    Raises:
+        FileNotFoundError: when ``source`` is neither.
+    """
+    import keras
+
+    import lungtf.models  # noqa: F401  (registers the custom layers the .keras file may hold)
+
+    src = Path(source)
+    if src.is_dir():
+        model_path = src / "best" / "model.keras"
+    elif src.suffix == ".keras" and src.is_file():
+        model_path = src
+    else:
+        raise FileNotFoundError(
+            f"expected a run directory (with best/model.keras) or a .keras file; got {source}"
+        )
+    if not model_path.is_file():
+        raise FileNotFoundError(f"run directory {src} has no best/model.keras")
+    meta_path = model_path.parent / METADATA_FILE
+    metadata = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    return keras.models.load_model(model_path, compile=False), metadata
+
+
+def complete_metadata(model: Any, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Fill what export needs (image size, class names, temperature, versions) and check it.
+
+    Raises:
+        ValueError: when the model's input is not square RGB, or the metadata disagrees with the
+            model or with ``CLASS_NAMES``.
+    """
+    import keras
+    import tensorflow as tf
+
+    import lungtf
+
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] is None:
+        raise ValueError(f"model input must be [None, S, S, 3] raw pixels; got {list(shape)}")
+    meta = dict(metadata or {})
+    meta.setdefault("image_size", int(shape[1]))
+    meta.setdefault("class_names", list(CLASS_NAMES))
+    meta.setdefault("temperature", 1.0)
+    meta.setdefault(
+        "versions",
+        {"lungtf": lungtf.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+    )
+    if int(meta["image_size"]) != shape[1]:
+        raise ValueError(f"lungtf.json image_size {meta['image_size']} != model input {shape[1]}")
+    if list(meta["class_names"]) != list(CLASS_NAMES):
+        raise ValueError(f"lungtf.json class_names {meta['class_names']} != {list(CLASS_NAMES)}")
+    if not float(meta["temperature"]) > 0:
+        raise ValueError(f"temperature must be > 0; got {meta['temperature']}")
+    return meta
+
+
+def decode_and_resize(image_bytes: Any, size: int) -> Any:
+    """Decode a batch of JPEG/PNG strings to float32 ``[N, size, size, 3]`` 0-255 pixels.
+
+    This is the serving_default preprocessing, shared with tests and benchmarks so they compare
+    the SavedModel against the very same ops.
+    """
+    import tensorflow as tf
+
+    def one(data: Any) -> Any:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
+
+    spec = tf.TensorSpec((size, size, 3), tf.float32)
+    return tf.map_fn(one, image_bytes, fn_output_signature=spec)
+
+
+def build_archive(model: Any, metadata: dict[str, Any]) -> Any:
+    """A ``keras.export.ExportArchive`` with the three lungtf signatures (see module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    size = int(metadata["image_size"])
+    temperature = float(metadata["temperature"])
+    meta_json = json.dumps(metadata, sort_keys=True)
+
+    def predict(pixels: Any) -> dict[str, Any]:
+        probs = tf.cast(model(pixels, training=False), tf.float32)
+        if temperature != 1.0:
+            probs = tf.nn.softmax(tf.math.log(tf.maximum(probs, 1e-12)) / temperature, axis=-1)
+        class_id = tf.argmax(probs, axis=-1, output_type=tf.int64)
+        names = tf.gather(tf.constant(list(CLASS_NAMES)), class_id)
+        return {"probabilities": probs, "class_id": class_id, "class_name": names}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        SERVING_SIGNATURE,
+        lambda image_bytes: predict(decode_and_resize(image_bytes, size)),
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    archive.add_endpoint(
+        PIXELS_SIGNATURE,
+        predict,
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")],
+    )
+    archive.add_endpoint(
+        METADATA_SIGNATURE, lambda: {"json": tf.constant(meta_json)}, input_signature=[]
+    )
+    return archive
+
+
+def warmup_images(size: int, count: int = 3) -> list[bytes]:
+    """Deterministic JPEG tiles of the model's size for the warmup requests."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_warmup(path: Path, model_name: str, size: int) -> int:
+    """Write PredictionLog records TF Serving replays at load (batch 1 and 3, both signatures).
+
+    Returns:
+        The number of records written.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    images = warmup_images(size)
+    pixels = np.zeros((1, size, size, 3), np.float32)
+    requests = []
+    for batch in (images[:1], images):
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name, req.model_spec.signature_name = model_name, SERVING_SIGNATURE
+        req.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+        requests.append(req)
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name, req.model_spec.signature_name = model_name, PIXELS_SIGNATURE
+    req.inputs["pixels"].CopyFrom(tf.make_tensor_proto(pixels))
+    requests.append(req)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for req in requests:
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=req)
+            )
+            writer.write(log.SerializeToString())
+    return len(requests)
+
+
+def export_model(
+    model: Any,
+    base_path: str | Path,
+    metadata: dict[str, Any] | None = None,
+    version: int | None = None,
+    model_name: str = "lungtf",
+) -> Path:
+    """Write ``model`` as SavedModel version ``<base_path>/<version>/`` atomically.
+
+    Args:
+        model: a lungtf Keras model (input raw 0-255 pixels ``[None, S, S, 3]``, softmax output).
+        base_path: the model's base path, as TF Serving's ``base_path``; created if missing.
+        metadata: ``lungtf.json`` contents; missing fields are filled from the model.
+        version: the version number; the next integer after the existing ones when ``None``.
+        model_name: the model name written into the warmup requests.
+
+    Returns:
+        The version directory.
+
+    Raises:
+        FileExistsError: when ``version`` already exists (versions are immutable).
+        ValueError: on a negative version or metadata that disagrees with the model.
+    """
+    base = Path(base_path)
+    base.mkdir(parents=True, exist_ok=True)
+    existing = numeric_versions(base)
+    if version is None:
+        version = existing[-1] + 1 if existing else 1
+    if version < 0:
+        raise ValueError(f"version must be a non-negative integer; got {version}")
+    target = base / str(version)
+    if target.exists():
+        raise FileExistsError(f"version {version} already exists at {target}; versions: {existing}")
+    meta = complete_metadata(model, metadata)
+    tmp = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=base))
+    try:
+        build_archive(model, meta).write_out(str(tmp), verbose=False)
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        write_warmup(tmp / "assets.extra" / WARMUP_FILE, model_name, int(meta["image_size"]))
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m lungtf.export RUN_OR_MODEL --base-path DIR [--version N]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lungtf.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("source", help="run directory (best/model.keras) or a .keras file")
+    parser.add_argument("--base-path", default="models/lungtf", help="model base path")
+    parser.add_argument("--version", type=int, default=None, help="version (default: next)")
+    parser.add_argument("--model-name", default="lungtf", help="name used in warmup requests")
+    args = parser.parse_args(argv)
+    try:
+        model, metadata = load_source(args.source)
+        target = export_model(model, args.base_path, metadata, args.version, args.model_name)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

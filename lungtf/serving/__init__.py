@@ -1,0 +1,14 @@
+"""TF-Serving-compatible serving for development, tests and CI.
+
+Production runs the real ``tensorflow/serving`` image (``docker/``, ``serving/``); this package
+speaks the same gRPC API from ``tensorflow-serving-api`` over the same SavedModels, so clients
+cannot tell the two apart.
+
+Modules:
+    config: read and check a ``ModelServerConfig`` text file (``serving/models.config``).
+    models: load SavedModel versions and keep them in step with the base paths (polling).
+    handlers: Predict / GetModelMetadata / GetModelStatus logic and TF Serving's error codes.
+    server: the gRPC server (``serve``) and warmup replay.
+
+Command line: ``python -m lungtf.serving validate CONFIG`` and ``python -m lungtf.serving serve``.
+"""

@@ -1,0 +1,63 @@
+"""``python -m lungtf.serving validate CONFIG`` | ``python -m lungtf.serving serve ...``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from lungtf.serving.config import ConfigError, ModelEntry, check_entries, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``validate`` and ``serve`` sub-commands."""
+    parser = argparse.ArgumentParser(prog="python -m lungtf.serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("validate", help="check a ModelServerConfig text file")
+    check.add_argument("config", help="e.g. serving/models.config")
+    check.add_argument(
+        "--no-check-paths", action="store_true", help="check the structure only, not the disk"
+    )
+    run = sub.add_parser("serve", help="serve SavedModels over TF Serving's gRPC API")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="ModelServerConfig text file (serving/models.config)")
+    source.add_argument("--model-base-path", help="one model's base path (integer versions)")
+    run.add_argument("--model-name", default="lungtf", help="name for --model-base-path")
+    run.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    run.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one")
+    run.add_argument("--poll-seconds", type=float, default=1.0, help="base path poll interval")
+    run.add_argument("--workers", type=int, default=8, help="request worker threads")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command; returns the exit code (2 on a bad config)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "validate":
+        try:
+            entries = load_config(args.config, check_paths=not args.no_check_paths)
+        except ConfigError as err:
+            print(f"invalid: {err}", file=sys.stderr)
+            return 2
+        for e in entries:
+            print(f"ok: {e.name} <- {e.base_path} ({e.policy}, labels {e.labels or 'none'})")
+        return 0
+    if args.config:
+        try:
+            entries = load_config(args.config, check_paths=False)
+        except ConfigError as err:
+            print(f"invalid: {err}", file=sys.stderr)
+            return 2
+        for problem in check_entries(entries):
+            logging.getLogger("lungtf.serving").warning("%s (polling until it appears)", problem)
+    else:
+        entries = [ModelEntry(args.model_name, Path(args.model_base_path))]
+    from lungtf.serving.server import serve
+
+    return serve(entries, args.host, args.port, args.poll_seconds, args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The TF-Serving-compatible gRPC dev server: PredictionService and ModelService over SavedModels.
+
+It registers the service definitions from ``tensorflow-serving-api`` so any TF Serving client
+(``lungtf.client``, the demo, ``saved_model_cli``-style tools) talks to it unchanged. Handlers live
+in ``lungtf.serving.handlers``; this module only adapts them to gRPC, warms versions up, polls the
+base paths and shuts down gracefully on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    model_service_pb2_grpc,
+    prediction_log_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from lungtf.export import WARMUP_FILE
+from lungtf.serving import handlers
+from lungtf.serving.config import ModelEntry
+from lungtf.serving.handlers import ServingError
+from lungtf.serving.models import ModelManager, Servable
+
+log = logging.getLogger("lungtf.serving")
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+"""TF Serving's gRPC message limit (2 GiB - 1) for both directions."""
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def replay_warmup(servable: Servable) -> int:
+    """Replay ``assets.extra/tf_serving_warmup_requests`` through ``handlers.predict``, as TF
+    Serving does at load; a failing record rejects the version.
+
+    Returns:
+        The number of requests replayed (0 when the version has no warmup file).
+    """
+    path = servable.path / "assets.extra" / WARMUP_FILE
+    if not path.is_file():
+        return 0
+    table = {servable.name: {servable.version: servable}}
+    count = 0
+    for record in tf.data.TFRecordDataset(str(path)):
+        entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = entry.predict_log.request
+        request.model_spec.name = servable.name
+        request.model_spec.ClearField("version_choice")
+        handlers.predict(table, request)
+        count += 1
+    return count
+
+
+def _answer(handler: Any, request: Any, context: Any) -> Any:
+    """Run a handler and turn errors into gRPC statuses: never UNKNOWN, never a dead thread."""
+    try:
+        return handler(request)
+    except ServingError as err:
+        code, message = err.code, err.message
+    except Exception as err:  # an unexpected bug still answers with a status, not a crash
+        log.exception("request failed")
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+    context.abort(code, message)
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """tensorflow.serving.PredictionService over a ``ModelManager``."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self.labels = {name: e.labels for name, e in manager.entries.items()}
+
+    def Predict(self, request: Any, context: Any) -> Any:
+        return _answer(
+            lambda r: handlers.predict(self.manager.table(), r, self.labels), request, context
+        )
+
+    def GetModelMetadata(self, request: Any, context: Any) -> Any:
+        return _answer(
+            lambda r: handlers.model_metadata(self.manager.table(), r, self.labels),
+            request,
+            context,
+        )
+
+    def Classify(self, request: Any, context: Any) -> Any:
+        return _answer(
+            lambda r: handlers.not_predict(
+                self.manager.table(), r.model_spec, "classify", self.labels
+            ),
+            request,
+            context,
+        )
+
+    def Regress(self, request: Any, context: Any) -> Any:
+        return _answer(
+            lambda r: handlers.not_predict(
+                self.manager.table(), r.model_spec, "regress", self.labels
+            ),
+            request,
+            context,
+        )
+
+    def MultiInference(self, request: Any, context: Any) -> Any:
+        def run(r: Any) -> None:
+            if not r.tasks:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "MultiInferenceRequest has no tasks"
+                )
+            for task in r.tasks:
+                method = task.method_name.rsplit("/", 1)[-1]
+                if method not in ("classify", "regress"):
+                    raise ServingError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"Unsupported signature method_name: {task.method_name!r}; "
+                        "MultiInference takes tensorflow/serving/classify or regress tasks",
+                    )
+                handlers.not_predict(self.manager.table(), task.model_spec, method, self.labels)
+
+        return _answer(run, request, context)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    """tensorflow.serving.ModelService: ``GetModelStatus`` (config reload is not offered)."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def GetModelStatus(self, request: Any, context: Any) -> Any:
+        return _answer(lambda r: handlers.model_status(self.manager.table(), r), request, context)
+
+    def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "the dev server reads models.config at start; restart it to change models",
+        )
+
+
+def serve(
+    entries: list[ModelEntry],
+    host: str = "127.0.0.1",
+    port: int = 8500,
+    poll_seconds: float = 1.0,
+    workers: int = 8,
+    grace_seconds: float = 10.0,
+) -> int:
+    """Load the models, serve gRPC until SIGTERM/SIGINT, then stop gracefully.
+
+    Prints ``listening on HOST:PORT`` (with the real port when ``port`` is 0) once requests are
+    accepted, so a parent process can read where to connect.
+
+    Returns:
+        The process exit code (0 after a graceful stop).
+    """
+    manager = ModelManager(entries, on_load=replay_warmup)
+    manager.poll(initial=True)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungtf-rpc"),
+        options=GRPC_OPTIONS,
+        maximum_concurrent_rpcs=4 * workers,
+    )
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(manager), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as err:
+        print(f"error: cannot bind {host}:{port}: {err}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    manager.start_polling(poll_seconds)
+    print(f"listening on {host}:{bound}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    log.info("stopping: finishing in-flight requests (grace %.0f s)", grace_seconds)
+    server.stop(grace_seconds).wait()
+    manager.stop_polling()
+    return 0

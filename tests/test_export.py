@@ -1,0 +1,165 @@
+"""lungtf.export: signatures read from saved_model.pb, outputs equal to Keras, warmup, versioning."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+
+from lungtf import export
+from lungtf.constants import CLASS_NAMES
+from lungtf.serving.models import load_servable
+from lungtf.serving.server import replay_warmup
+
+SIZE = 32
+
+
+def make_tiny_model(seed: int = 0, size: int = SIZE) -> keras.Model:
+    """A small model on the lungtf contract (raw 0-255 pixels in, softmax ``probabilities`` out),
+    trained for a few steps on class-coloured noise so its outputs are not uniform."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = keras.layers.Rescaling(1 / 255.0, name="preprocess")(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="backbone")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(0.2, name="dropout")(x)
+    x = keras.layers.Dense(len(CLASS_NAMES), name="logits")(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(seed)
+    labels = np.arange(24) % 3
+    pixels = rng.normal(60, 30, (24, size, size, 3)).astype("float32")
+    pixels[np.arange(24), :, :, labels] += 120
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(np.clip(pixels, 0, 255), labels, batch_size=8, epochs=2, verbose=0)
+    return model
+
+
+def jpeg_tiles(count: int, size: int = 40, seed: int = 1) -> list[bytes]:
+    """Encoded JPEG tiles, not at the model size, so the resize path is exercised."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        img = rng.normal(80, 40, (size, size + 8 * i, 3))
+        img[..., i % 3] += 100
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> keras.Model:
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model: keras.Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("models") / "lungtf"
+    meta = {"split_protocol": "grouped", "val_metrics": {"accuracy": 0.9, "n": 3}}
+    return export.export_model(tiny_model, base, meta)
+
+
+def test_signatures_read_from_saved_model_pb(exported: Path) -> None:
+    saved = saved_model_pb2.SavedModel.FromString((exported / "saved_model.pb").read_bytes())
+    defs = saved.meta_graphs[0].signature_def
+    assert {"serving_default", "predict_pixels", "metadata"} <= set(defs)
+    for key in ("serving_default", "predict_pixels", "metadata"):
+        assert defs[key].method_name == "tensorflow/serving/predict"
+    assert {k: v.dtype for k, v in defs["serving_default"].inputs.items()} == {
+        "image_bytes": tf.string.as_datatype_enum
+    }
+    pixels = defs["predict_pixels"].inputs["pixels"]
+    assert pixels.dtype == tf.float32.as_datatype_enum
+    assert [d.size for d in pixels.tensor_shape.dim] == [-1, SIZE, SIZE, 3]
+    for key in ("serving_default", "predict_pixels"):
+        outs = {k: v.dtype for k, v in defs[key].outputs.items()}
+        assert outs == {
+            "probabilities": tf.float32.as_datatype_enum,
+            "class_id": tf.int64.as_datatype_enum,
+            "class_name": tf.string.as_datatype_enum,
+        }
+    assert {k: v.dtype for k, v in defs["metadata"].outputs.items()} == {
+        "json": tf.string.as_datatype_enum
+    }
+    assert dict(defs["metadata"].inputs) == {}
+
+
+def test_reloaded_savedmodel_equals_keras(tiny_model: keras.Model, exported: Path) -> None:
+    loaded = tf.saved_model.load(str(exported))
+    tiles = jpeg_tiles(4)
+    pixels = export.decode_and_resize(tf.constant(tiles), SIZE)
+    expected = tiny_model(pixels, training=False).numpy()
+    assert expected.std() > 1e-3  # trained: not a constant output
+    by_pixels = loaded.signatures["predict_pixels"](pixels=pixels)
+    by_bytes = loaded.signatures["serving_default"](image_bytes=tf.constant(tiles))
+    for out in (by_pixels, by_bytes):
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+        ids = expected.argmax(axis=1)
+        np.testing.assert_array_equal(out["class_id"].numpy(), ids)
+        assert [n.decode() for n in out["class_name"].numpy()] == [CLASS_NAMES[i] for i in ids]
+
+
+def test_metadata_signature_and_asset(exported: Path) -> None:
+    loaded = tf.saved_model.load(str(exported))
+    meta = json.loads(loaded.signatures["metadata"]()["json"].numpy().decode())
+    assert meta == json.loads((exported / "assets" / "lungtf.json").read_text())
+    assert meta["class_names"] == list(CLASS_NAMES)
+    assert meta["image_size"] == SIZE and meta["split_protocol"] == "grouped"
+    assert meta["val_metrics"]["accuracy"] == 0.9
+    assert set(meta["versions"]) == {"lungtf", "tensorflow", "keras"}
+
+
+def test_temperature_scales_probabilities(tiny_model: keras.Model, tmp_path: Path) -> None:
+    out = export.export_model(tiny_model, tmp_path, {"temperature": 2.0})
+    pixels = export.decode_and_resize(tf.constant(jpeg_tiles(3)), SIZE)
+    probs = tiny_model(pixels, training=False).numpy()
+    scaled = tf.nn.softmax(np.log(probs) / 2.0).numpy()
+    got = tf.saved_model.load(str(out)).signatures["predict_pixels"](pixels=pixels)
+    np.testing.assert_allclose(got["probabilities"].numpy(), scaled, atol=1e-5)
+    assert not np.allclose(scaled, probs, atol=1e-3)
+
+
+def test_warmup_records_parse_and_replay(exported: Path) -> None:
+    path = exported / "assets.extra" / export.WARMUP_FILE
+    logs = [
+        prediction_log_pb2.PredictionLog.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(str(path))
+    ]
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == [
+        "serving_default",
+        "serving_default",
+        "predict_pixels",
+    ]
+    assert tf.make_ndarray(logs[1].predict_log.request.inputs["image_bytes"]).shape == (3,)
+    assert replay_warmup(load_servable("lungtf", 1, exported)) == 3
+
+
+def test_versions_are_atomic_and_sequential(tiny_model: keras.Model, tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()  # non-numeric folders are not versions
+    first = export.export_model(tiny_model, tmp_path)
+    second = export.export_model(tiny_model, tmp_path)
+    assert (first.name, second.name) == ("1", "2")
+    with pytest.raises(FileExistsError, match="version 2 already exists"):
+        export.export_model(tiny_model, tmp_path, version=2)
+    assert export.export_model(tiny_model, tmp_path, version=7).name == "7"
+    assert export.numeric_versions(tmp_path) == [1, 2, 7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "7", "notes"]  # no temp left
+
+
+def test_metadata_that_disagrees_with_the_model_is_refused(
+    tiny_model: keras.Model, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="image_size 64 != model input 32"):
+        export.export_model(tiny_model, tmp_path, {"image_size": 64})
+    with pytest.raises(ValueError, match="class_names"):
+        export.export_model(tiny_model, tmp_path, {"class_names": ["a", "b", "c"]})
+    assert export.numeric_versions(tmp_path) == [] and list(tmp_path.iterdir()) == []
