@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import tensorflow as tf
 from google.protobuf import any_pb2
+from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -89,7 +90,8 @@ def signature(servable: Servable, name: str) -> tuple[str, Any]:
 
 
 def _dtype_name(enum: int) -> str:
-    return tf.dtypes.as_dtype(enum).name if enum else "DT_INVALID"
+    """TF Serving's spelling: ``DT_FLOAT`` -> ``float``."""
+    return types_pb2.DataType.Name(enum).removeprefix("DT_").lower()
 
 
 def _check_shape(alias: str, array: Any, info: Any) -> None:

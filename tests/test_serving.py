@@ -1,0 +1,309 @@
+"""The dev server against a live subprocess: TF Serving's error contract, metadata, status,
+version labels, hot swap and graceful SIGTERM; ``validate`` of models.config files."""
+
+from __future__ import annotations
+
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_export import jpeg_tiles, make_tiny_model
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+
+from lungtf import export
+from lungtf.serving.__main__ import main as serving_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = """model_config_list {{
+  config {{
+    name: "lungtf"
+    base_path: "{base}"
+    model_platform: "tensorflow"
+    model_version_policy {{ latest {{ num_versions: 2 }} }}
+    version_labels {{ key: "stable" value: 1 }}
+  }}
+}}
+"""
+
+
+def start_server(
+    args: list[str], log_path: Path, timeout: float = 180.0
+) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m lungtf.serving serve ARGS --port 0`` and read the port it prints."""
+    log = open(log_path, "wb")  # noqa: SIM115  (closed with the process by the caller's teardown)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lungtf.serving", "serve", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        line = proc.stdout.readline().decode() if ready else ""
+        if line.startswith("listening on "):
+            return proc, line.split()[-1]
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    pytest.fail(f"server did not start; log:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One server for the module (config file mode, latest 2 versions, label stable -> 1)."""
+    root = tmp_path_factory.mktemp("serving")
+    base = root / "lungtf"
+    export.export_model(make_tiny_model(), base)
+    config = root / "models.config"
+    config.write_text(CONFIG.format(base=base))
+    proc, target = start_server(["--config", str(config), "--poll-seconds", "0.3"], root / "log")
+    channel = grpc.insecure_channel(target)
+    yield {
+        "proc": proc,
+        "base": base,
+        "log": root / "log",
+        "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
+        "models": model_service_pb2_grpc.ModelServiceStub(channel),
+    }
+    channel.close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def request(
+    name: str = "lungtf", signature: str = "", **inputs: object
+) -> predict_pb2.PredictRequest:
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name, req.model_spec.signature_name = name, signature
+    for alias, value in inputs.items():
+        req.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
+    return req
+
+
+def good() -> predict_pb2.PredictRequest:
+    return request(image_bytes=np.array(jpeg_tiles(2), dtype=object))
+
+
+def with_version(req: predict_pb2.PredictRequest, version: int) -> predict_pb2.PredictRequest:
+    req.model_spec.version.value = version
+    return req
+
+
+def with_label(req: predict_pb2.PredictRequest, label: str) -> predict_pb2.PredictRequest:
+    req.model_spec.version_label = label
+    return req
+
+
+def with_filter(req: predict_pb2.PredictRequest, alias: str) -> predict_pb2.PredictRequest:
+    req.output_filter.append(alias)
+    return req
+
+
+PIXELS = np.zeros((1, 32, 32, 3), np.float32)
+TIFF = np.array([b"not an image", b"\xff\xd8\xff"], dtype=object)
+BAD_PREDICTS = {
+    "no model name": (request(name="", image_bytes=TIFF), "INVALID_ARGUMENT", "name is empty"),
+    "unknown model": (request(name="colon", image_bytes=TIFF), "NOT_FOUND", "Latest(colon)"),
+    "unknown version": (with_version(good(), 99), "NOT_FOUND", "Specific(lungtf, 99)"),
+    "unknown label": (with_label(good(), "canary"), "INVALID_ARGUMENT", "'canary'"),
+    "unknown signature": (
+        request(signature="serve_x"),
+        "FAILED_PRECONDITION",
+        '"serve_x" not found',
+    ),
+    "missing input": (request(), "INVALID_ARGUMENT", "Missing but required: ['image_bytes']"),
+    "extra input": (
+        request(image_bytes=TIFF, mask=PIXELS),
+        "INVALID_ARGUMENT",
+        "Sent extra: ['mask']",
+    ),
+    "wrong dtype": (
+        request(image_bytes=PIXELS[0, 0, 0]),
+        "INVALID_ARGUMENT",
+        "but float is provided",
+    ),
+    "undecodable bytes": (
+        request(image_bytes=TIFF),
+        "INVALID_ARGUMENT",
+        "image_bytes string [2] of [12, 3] bytes",
+    ),
+    "empty batch": (
+        request(image_bytes=np.array([], dtype=object)),
+        "INVALID_ARGUMENT",
+        "empty batch",
+    ),
+    "wrong pixel shape": (
+        request(signature="predict_pixels", pixels=np.zeros((1, 8, 8, 3), np.float32)),
+        "INVALID_ARGUMENT",
+        "shape [1, 8, 8, 3]; the signature expects [?, 32, 32, 3]",
+    ),
+    "unknown output": (
+        with_filter(good(), "logits"),
+        "INVALID_ARGUMENT",
+        "output_filter ['logits']",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PREDICTS))
+def test_bad_predict_requests_get_tf_serving_codes(live: dict, case: str) -> None:
+    req, code, message = BAD_PREDICTS[case]
+    with pytest.raises(grpc.RpcError) as err:
+        live["predict"].Predict(req, timeout=60)
+    assert err.value.code().name == code, err.value.details()
+    assert message in err.value.details()
+
+
+def test_predict_only_methods_and_bad_metadata_fields(live: dict) -> None:
+    spec = good().model_spec
+    calls = [
+        (live["predict"].Classify, classification_pb2.ClassificationRequest(model_spec=spec)),
+        (live["predict"].Regress, regression_pb2.RegressionRequest(model_spec=spec)),
+        (
+            live["predict"].MultiInference,
+            inference_pb2.MultiInferenceRequest(
+                tasks=[
+                    inference_pb2.InferenceTask(
+                        model_spec=spec, method_name="tensorflow/serving/classify"
+                    )
+                ]
+            ),
+        ),
+        (
+            live["predict"].GetModelMetadata,
+            get_model_metadata_pb2.GetModelMetadataRequest(model_spec=spec, metadata_field=["x"]),
+        ),
+    ]
+    for method, req in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            method(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        spec = predict_pb2.PredictRequest().model_spec
+        spec.name = "colon"
+        live["models"].GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert live["proc"].poll() is None  # after every bad request the server still serves
+    assert live["predict"].Predict(good(), timeout=60).model_spec.version.value == 1
+
+
+def test_predict_echoes_model_spec_and_label(live: dict) -> None:
+    for req in (good(), with_label(good(), "stable"), with_version(good(), 1)):
+        resp = live["predict"].Predict(req, timeout=60)
+        assert (resp.model_spec.name, resp.model_spec.version.value) == ("lungtf", 1)
+        assert resp.model_spec.signature_name == "serving_default"
+        probs = tf.make_ndarray(resp.outputs["probabilities"])
+        assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    only = live["predict"].Predict(with_filter(good(), "class_id"), timeout=60)
+    assert list(only.outputs) == ["class_id"]
+
+
+def test_metadata_and_status(live: dict) -> None:
+    req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    req.model_spec.name = "lungtf"
+    resp = live["predict"].GetModelMetadata(req, timeout=30)
+    defs = get_model_metadata_pb2.SignatureDefMap()
+    assert resp.metadata["signature_def"].Unpack(defs)
+    assert {"serving_default", "predict_pixels", "metadata"} <= set(defs.signature_def)
+    assert resp.model_spec.version.value == 1
+    status_req = get_model_status_pb2.GetModelStatusRequest()
+    status_req.model_spec.name = "lungtf"
+    statuses = live["models"].GetModelStatus(status_req, timeout=30).model_version_status
+    assert [(s.version, s.state) for s in statuses] == [
+        (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+    ]
+
+
+def test_hot_swap_never_fails_in_flight_requests(live: dict) -> None:
+    errors: list[str] = []
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                seen.add(live["predict"].Predict(good(), timeout=60).model_spec.version.value)
+            except grpc.RpcError as err:
+                errors.append(f"{err.code().name}: {err.details()}")
+
+    workers = [threading.Thread(target=hammer) for _ in range(2)]
+    for w in workers:
+        w.start()
+    (live["base"] / "tmp-copy").mkdir()  # non-numeric folders are ignored
+    shutil.copytree(live["base"] / "1", live["base"] / "2")  # plain copy, not atomic
+    deadline = time.monotonic() + 90
+    while 2 not in seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop.set()
+    for w in workers:
+        w.join()
+    assert errors == []
+    assert seen >= {1, 2}, live["log"].read_text()[-2000:]
+    status_req = get_model_status_pb2.GetModelStatusRequest()
+    status_req.model_spec.name = "lungtf"
+    statuses = live["models"].GetModelStatus(status_req, timeout=30).model_version_status
+    assert [s.version for s in statuses] == [1, 2]  # latest { num_versions: 2 }
+    assert (
+        live["predict"].Predict(with_label(good(), "stable"), timeout=60).model_spec.version.value
+        == 1
+    )
+
+
+def test_sigterm_stops_gracefully(live: dict) -> None:
+    """Runs last in this module: it ends the shared server."""
+    live["proc"].send_signal(signal.SIGTERM)
+    assert live["proc"].wait(timeout=60) == 0
+
+
+def test_validate_shipped_and_broken_configs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (
+        serving_main(["validate", str(REPO / "serving" / "models.config"), "--no-check-paths"]) == 0
+    )
+    assert "ok: lungtf <- /models/lungtf" in capsys.readouterr().out
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    good_cfg = tmp_path / "good.config"
+    good_cfg.write_text(CONFIG.format(base=tmp_path / "m"))
+    assert serving_main(["validate", str(good_cfg)]) == 0
+    bad = tmp_path / "bad.config"
+    bad.write_text(
+        CONFIG.format(base=tmp_path / "missing")
+        .replace("latest { num_versions: 2 }", "specific { versions: 3 }")
+        .replace(
+            "model_config_list {",
+            'model_config_list {\n config { name: "lungtf" base_path: "%s" }' % (tmp_path / "m"),
+        )
+    )
+    assert serving_main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "'lungtf' appears 2 times" in err and "does not exist" in err
+    bad.write_text(
+        CONFIG.format(base=tmp_path / "m").replace(
+            "latest { num_versions: 2 }", "specific { versions: 3 }"
+        )
+    )
+    assert serving_main(["validate", str(bad)]) == 2
+    assert "versions [3] listed but not in" in capsys.readouterr().err
+    bad.write_text("model_config_list { config { nme: 'x' } }")
+    assert serving_main(["validate", str(bad)]) == 2
+    assert "not a ModelServerConfig text proto" in capsys.readouterr().err
