@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_export import jpeg_tiles, make_tiny_model
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -28,6 +27,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
     regression_pb2,
 )
+from test_export import jpeg_tiles, make_tiny_model
 
 from lungtf import export
 from lungtf.serving.__main__ import main as serving_main
