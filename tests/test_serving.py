@@ -45,27 +45,41 @@ CONFIG = """model_config_list {{
 """
 
 
-def start_server(
-    args: list[str], log_path: Path, timeout: float = 180.0
-) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m lungtf.serving serve ARGS --port 0`` and read the port it prints."""
-    log = open(log_path, "wb")  # noqa: SIM115  (closed with the process by the caller's teardown)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lungtf.serving", "serve", *args, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        cwd=REPO,
-    )
+def launch(args: list[str], log_path: Path) -> subprocess.Popen:
+    """Start ``python -m lungtf.serving serve ARGS --port 0`` (stderr to ``log_path``).
+
+    Tests launch first and export while the server imports TensorFlow: it polls the base path
+    and loads the version when it appears.
+    """
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lungtf.serving", "serve", *args, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            cwd=REPO,
+        )
+
+
+def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> str:
+    """Read the ``listening on HOST:PORT`` line, then wait until version 1 is AVAILABLE."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    target = ""
+    while not target and time.monotonic() < deadline and proc.poll() is None:
         ready, _, _ = select.select([proc.stdout], [], [], 1.0)
         line = proc.stdout.readline().decode() if ready else ""
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
-        if proc.poll() is not None:
-            break
+        target = line.split()[-1] if line.startswith("listening on ") else ""
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "lungtf"
+    with grpc.insecure_channel(target or "127.0.0.1:1") as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        while target and time.monotonic() < deadline:
+            try:
+                stub.GetModelStatus(request, timeout=5)
+                return target
+            except grpc.RpcError:
+                time.sleep(0.2)
     proc.kill()
-    pytest.fail(f"server did not start; log:\n{log_path.read_text()[-3000:]}")
+    pytest.fail(f"server did not become ready; log:\n{log_path.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +87,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One server for the module (config file mode, latest 2 versions, label stable -> 1)."""
     root = tmp_path_factory.mktemp("serving")
     base = root / "lungtf"
-    export.export_model(make_tiny_model(), base)
     config = root / "models.config"
     config.write_text(CONFIG.format(base=base))
-    proc, target = start_server(["--config", str(config), "--poll-seconds", "0.3"], root / "log")
+    proc = launch(["--config", str(config), "--poll-seconds", "0.3"], root / "log")
+    export.export_model(make_tiny_model(), base)
+    target = wait_ready(proc, root / "log")
     channel = grpc.insecure_channel(target)
     yield {
         "proc": proc,

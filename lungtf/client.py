@@ -1,0 +1,311 @@
+"""gRPC client for a lungtf model behind TensorFlow Serving or the lungtf dev server.
+
+``LungClient(target).predict(images)`` sends encoded images to the ``serving_default`` signature
+and returns one ``Prediction`` per image. Outputs are read with ``tf.make_ndarray``, which handles
+both the typed fields TF Serving sends (``float_val``...) and the ``tensor_content`` bytes other
+servers send. Every call has a deadline; only UNAVAILABLE (server starting, connection dropped) is
+retried, a bounded number of times with exponential backoff, because retrying any other status
+would repeat a request the server already judged. Large batches are split under a byte budget.
+
+Command line::
+
+    python -m lungtf.client predict --target HOST:PORT FILES_OR_FOLDERS [--out preds.csv]
+    python -m lungtf.client status --target HOST:PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from lungtf.constants import CLASS_NAMES
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image.
+
+    Attributes:
+        label: the predicted class name (one of ``CLASS_NAMES``).
+        class_id: its index in ``CLASS_NAMES``.
+        probabilities: class name -> probability, in ``CLASS_NAMES`` order.
+    """
+
+    label: str
+    class_id: int
+    probabilities: dict[str, float]
+
+
+class LungClientError(Exception):
+    """A call the server answered with a non-OK status (or that timed out).
+
+    Attributes:
+        code: the ``grpc.StatusCode``.
+        message: the server's details string.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def encode_image(image: Any) -> bytes:
+    """Bytes to send for one image: a file path's contents, bytes as given, a PIL image as PNG.
+
+    Raises:
+        TypeError: for anything else.
+    """
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    if hasattr(image, "save") and hasattr(image, "convert"):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(
+        f"an image must be a file path, encoded bytes or a PIL image; got {type(image).__name__}"
+    )
+
+
+def split_batches(items: list[bytes], max_bytes: int, max_items: int) -> Iterator[list[bytes]]:
+    """Consecutive batches of at most ``max_items`` whose sizes sum to at most ``max_bytes``
+    (an item larger than the budget goes alone)."""
+    batch: list[bytes] = []
+    size = 0
+    for item in items:
+        if batch and (size + len(item) > max_bytes or len(batch) == max_items):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item)
+    if batch:
+        yield batch
+
+
+class LungClient:
+    """Predictions, metadata and status from a served lungtf model.
+
+    Args:
+        target: ``HOST:PORT`` of the gRPC endpoint.
+        timeout: deadline of each call in seconds.
+        max_batch_bytes: encoded bytes per Predict request; larger inputs are split.
+        max_batch_images: images per Predict request.
+        model_name: ``model_spec.name``.
+        version: a fixed model version; the server's newest when ``None``.
+        retries: extra attempts after UNAVAILABLE.
+        backoff: seconds before the first retry, doubled each time.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 30.0,
+        max_batch_bytes: int = 32 * 2**20,
+        max_batch_images: int = 64,
+        model_name: str = "lungtf",
+        version: int | None = None,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        if max_batch_bytes < 1 or max_batch_images < 1:
+            raise ValueError(
+                f"max_batch_bytes and max_batch_images must be >= 1; "
+                f"got {max_batch_bytes} and {max_batch_images}"
+            )
+        self.target, self.timeout = target, timeout
+        self.max_batch_bytes, self.max_batch_images = max_batch_bytes, max_batch_images
+        self.model_name, self.version = model_name, version
+        self.retries, self.backoff = retries, backoff
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                    raise LungClientError(err.code(), err.details() or "") from None
+            time.sleep(self.backoff * 2**attempt)
+            attempt += 1
+
+    def _request(self, signature: str) -> Any:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = signature
+        if self.version is not None:
+            request.model_spec.version.value = self.version
+        return request
+
+    def predict_bytes(self, batch: list[bytes]) -> list[Prediction]:
+        """One Predict call on already encoded images (no splitting)."""
+        request = self._request("serving_default")
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+        response = self._call(self._predict.Predict, request)
+        probs = tf.make_ndarray(response.outputs["probabilities"]).reshape(len(batch), -1)
+        ids = tf.make_ndarray(response.outputs["class_id"]).reshape(len(batch))
+        return [
+            Prediction(CLASS_NAMES[int(i)], int(i), dict(zip(CLASS_NAMES, map(float, p))))
+            for i, p in zip(ids, probs)
+        ]
+
+    def predict(
+        self, images: Iterable[Any], progress: Callable[[int], None] | None = None
+    ) -> list[Prediction]:
+        """Predict paths, encoded bytes or PIL images, in order, batching under the budget.
+
+        Args:
+            images: file paths, JPEG/PNG bytes or PIL images.
+            progress: called with the number of images finished after each request.
+
+        Raises:
+            LungClientError: when the server answers with an error status.
+        """
+        encoded = [encode_image(img) for img in images]
+        out: list[Prediction] = []
+        for batch in split_batches(encoded, self.max_batch_bytes, self.max_batch_images):
+            out.extend(self.predict_bytes(batch))
+            if progress is not None:
+                progress(len(out))
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        """The model's ``lungtf.json`` (class names, image size, metrics), from ``metadata()``."""
+        response = self._call(self._predict.Predict, self._request("metadata"))
+        return json.loads(tf.make_ndarray(response.outputs["json"]).item().decode("utf-8"))
+
+    def status(self) -> dict[str, Any]:
+        """``GetModelStatus``: ``{"model": name, "versions": [{"version", "state", ...}]}``."""
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        if self.version is not None:
+            request.model_spec.version.value = self.version
+        response = self._call(self._models.GetModelStatus, request)
+        states = get_model_status_pb2.ModelVersionStatus.State
+        return {
+            "model": self.model_name,
+            "versions": [
+                {
+                    "version": s.version,
+                    "state": states.Name(s.state),
+                    "error_code": s.status.error_code,
+                    "error_message": s.status.error_message,
+                }
+                for s in response.model_version_status
+            ],
+        }
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """Files as given and images (.jpg/.jpeg/.png) found recursively in folders, sorted.
+
+    Raises:
+        FileNotFoundError: for a path that does not exist.
+    """
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    return found
+
+
+def progress_bar(total: int, stream: Any = None, width: int = 30) -> Callable[[int], None]:
+    """A text progress bar on ``stream`` (default: the current stderr), redrawn in place."""
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+
+    def show(done: int) -> None:
+        filled = width * done // max(total, 1)
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        end = "\n" if done >= total else ""
+        bar = "#" * filled + "." * (width - filled)
+        stream.write(f"\r[{bar}] {done}/{total} images, {rate:.1f} img/s{end}")
+        stream.flush()
+
+    return show
+
+
+def write_csv(paths: list[Path], preds: list[Prediction], stream: Any) -> None:
+    """``path,label,class_id,<one probability column per class>`` rows."""
+    writer = csv.writer(stream)
+    writer.writerow(["path", "label", "class_id", *CLASS_NAMES])
+    for path, p in zip(paths, preds):
+        probs = (f"{p.probabilities[c]:.6f}" for c in CLASS_NAMES)
+        writer.writerow([path, p.label, p.class_id, *probs])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring); returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m lungtf.client")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("predict", "status"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("--target", default="127.0.0.1:8500", help="gRPC HOST:PORT")
+        cmd.add_argument("--model-name", default="lungtf")
+        cmd.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    pred = sub.choices["predict"]
+    pred.add_argument("inputs", nargs="+", help="image files or folders")
+    pred.add_argument("--out", help="write a CSV here instead of stdout")
+    pred.add_argument("--batch-size", type=int, default=32, help="images per request")
+    args = parser.parse_args(argv)
+    client = LungClient(args.target, timeout=args.timeout, model_name=args.model_name)
+    try:
+        if args.command == "status":
+            print(json.dumps(client.status(), indent=2))
+            return 0
+        client.max_batch_images = args.batch_size
+        paths = find_images(args.inputs)
+        preds = client.predict(paths, progress=progress_bar(len(paths)))
+    except (LungClientError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if args.out:
+        with open(args.out, "w", newline="", encoding="utf-8") as fh:
+            write_csv(paths, preds, fh)
+    else:
+        write_csv(paths, preds, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""lungtf.client end to end: a tiny trained model exported and served by the dev server in a
+subprocess; real tiles through LungClient and the command line, compared with in-process Keras."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from test_export import make_tiny_model
+from test_serving import launch, wait_ready
+
+from lungtf import export
+from lungtf.client import LungClient, LungClientError, main, split_batches
+from lungtf.constants import CLASS_NAMES
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A tiny trained model, exported as version 1 and served on a free loopback port."""
+    root = tmp_path_factory.mktemp("client")
+    proc = launch(
+        ["--model-base-path", str(root / "lungtf"), "--poll-seconds", "0.3"], root / "log"
+    )
+    model = make_tiny_model(seed=3)
+    export.export_model(model, root / "lungtf", {"split_protocol": "grouped"})
+    target = wait_ready(proc, root / "log")
+    yield {"model": model, "target": target}
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture
+def tiles(request: pytest.FixtureRequest, tmp_path: Path) -> list[Path]:
+    """Four real LC25000 tiles per class when the shared data is present, else tiny JPEGs."""
+    try:
+        root = request.getfixturevalue("shared_data")
+    except pytest.skip.Exception:
+        rng = np.random.default_rng(5)
+        paths = []
+        for c, name in enumerate(CLASS_NAMES):
+            for i in range(4):
+                img = rng.normal(70, 30, (48, 48, 3))
+                img[..., c] += 120
+                paths.append(tmp_path / name / f"{i}.jpeg")
+                paths[-1].parent.mkdir(exist_ok=True)
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(paths[-1])
+        return paths
+    return [p for name in CLASS_NAMES for p in sorted((root / name).glob("*.jp*g"))[:4]]
+
+
+def in_process(model: object, images: list[bytes]) -> np.ndarray:
+    pixels = export.decode_and_resize(tf.constant(images), 32)
+    return model(pixels, training=False).numpy()
+
+
+def test_predict_paths_bytes_and_pil_match_keras(served: dict, tiles: list[Path]) -> None:
+    client = LungClient(served["target"], timeout=60)
+    expected = in_process(served["model"], [p.read_bytes() for p in tiles])
+    by_path = client.predict(tiles)
+    by_bytes = client.predict([p.read_bytes() for p in tiles])
+    for preds in (by_path, by_bytes):
+        got = np.array([[p.probabilities[c] for c in CLASS_NAMES] for p in preds])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert [p.class_id for p in preds] == expected.argmax(axis=1).tolist()
+        assert [p.label for p in preds] == [CLASS_NAMES[i] for i in expected.argmax(axis=1)]
+    pil = Image.open(tiles[0]).convert("RGB")
+    png = io.BytesIO()
+    pil.save(png, format="PNG")
+    (one,) = client.predict([pil])
+    want = in_process(served["model"], [png.getvalue()])[0]
+    np.testing.assert_allclose(list(one.probabilities.values()), want, atol=1e-5)
+    client.close()
+
+
+def test_small_byte_budget_splits_into_several_requests(served: dict, tiles: list[Path]) -> None:
+    data = [p.read_bytes() for p in tiles]
+    budget = 2 * max(map(len, data))
+    batches = list(split_batches(data, budget, 64))
+    assert len(batches) > 1 and [b for batch in batches for b in batch] == data
+    assert all(sum(map(len, b)) <= budget for b in batches)
+    assert list(map(len, split_batches([b"x"] * 5, 100, 2))) == [2, 2, 1]
+    calls = []
+    client = LungClient(served["target"], max_batch_bytes=budget)
+    preds = client.predict(data, progress=calls.append)
+    whole = LungClient(served["target"]).predict(data)
+    assert calls[-1] == len(data) and len(calls) == len(batches)
+    assert [p.label for p in preds] == [p.label for p in whole]
+    for split, one_call in zip(preds, whole):  # batch size changes float rounding only
+        np.testing.assert_allclose(
+            list(split.probabilities.values()), list(one_call.probabilities.values()), atol=1e-6
+        )
+
+
+def test_metadata_status_and_server_errors(served: dict) -> None:
+    client = LungClient(served["target"])
+    meta = client.metadata()
+    assert meta["class_names"] == list(CLASS_NAMES) and meta["split_protocol"] == "grouped"
+    assert client.status() == {
+        "model": "lungtf",
+        "versions": [{"version": 1, "state": "AVAILABLE", "error_code": 0, "error_message": ""}],
+    }
+    with pytest.raises(LungClientError) as err:
+        client.predict([b"definitely not a picture"])
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image_bytes string [1]" in err.value.message
+    with pytest.raises(LungClientError) as err:
+        LungClient(served["target"], version=5).status()
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(TypeError, match="got int"):
+        client.predict([3])
+
+
+def test_only_unavailable_is_retried_with_backoff(served: dict) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = LungClient(f"127.0.0.1:{port}", timeout=5, retries=2, backoff=0.2)
+    start = time.perf_counter()
+    with pytest.raises(LungClientError) as err:
+        client.status()
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.perf_counter() - start >= 0.2 + 0.4  # two backoffs
+    start = time.perf_counter()
+    with pytest.raises(LungClientError) as err:
+        LungClient(served["target"], retries=2, backoff=1.0, model_name="colon").status()
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert time.perf_counter() - start < 1.0  # not retried
+
+
+def test_command_line_predict_and_status(
+    served: dict, tiles: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "preds.csv"
+    folder = tmp_path / "more" / "nested"
+    folder.mkdir(parents=True)
+    for p in tiles[6:9]:
+        shutil.copy(p, folder / p.name)
+    args = ["predict", "--target", served["target"], *map(str, tiles[:6]), str(tmp_path / "more")]
+    assert main([*args, "--out", str(out), "--batch-size", "4"]) == 0
+    assert "9/9 images" in capsys.readouterr().err  # progress bar
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows[:6]] == list(map(str, tiles[:6])) and len(rows) == 9
+    assert set(rows[0]) == {"path", "label", "class_id", *CLASS_NAMES}
+    for row in rows:
+        probs = [float(row[c]) for c in CLASS_NAMES]
+        assert abs(sum(probs) - 1) < 1e-4 and row["label"] == CLASS_NAMES[int(row["class_id"])]
+    assert main(["status", "--target", served["target"]]) == 0
+    assert '"state": "AVAILABLE"' in capsys.readouterr().out
+    assert main(["predict", "--target", served["target"], str(tmp_path / "nope")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
