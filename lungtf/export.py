@@ -6,8 +6,9 @@ The SavedModel is what TensorFlow Serving (production) and ``lungtf.serving`` (d
 so its interface is fixed here and nowhere else:
 
 - ``serving_default(image_bytes: string [N])`` decodes JPEG/PNG to 3 channels and squish-resizes
-  them bilinearly to the model's size, exactly as the training pipeline does (``tf.image.resize``),
-  then runs ``model(x, training=False)`` (the model holds its own preprocessing).
+  them to the model's size with the training pipeline's own function
+  (``lungtf.data.pipeline.decode_resize``), then runs ``model(x, training=False)`` (the model
+  holds its own preprocessing).
 - ``predict_pixels(pixels: float32 [N, S, S, 3])`` takes raw 0-255 pixels already at the size.
 - Both answer ``probabilities`` float32 [N, 3], ``class_id`` int64 [N] and ``class_name`` string
   [N] (``lungtf.constants.CLASS_NAMES``); when ``lungtf.json`` holds a ``temperature`` other than 1
@@ -120,14 +121,16 @@ def complete_metadata(model: Any, metadata: dict[str, Any] | None) -> dict[str, 
 def decode_and_resize(image_bytes: Any, size: int) -> Any:
     """Decode a batch of JPEG/PNG strings to float32 ``[N, size, size, 3]`` 0-255 pixels.
 
-    This is the serving_default preprocessing, shared with tests and benchmarks so they compare
-    the SavedModel against the very same ops.
+    Each image goes through ``lungtf.data.pipeline.decode_resize``, the training pipeline's own
+    decode and squish-resize (antialiased bilinear, rounded to 8 bits), so served tiles are
+    preprocessed exactly as training tiles were. Tests and benchmarks call this too.
     """
     import tensorflow as tf
 
+    from lungtf.data.pipeline import decode_resize
+
     def one(data: Any) -> Any:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
+        return tf.cast(decode_resize(data, size), tf.float32)
 
     spec = tf.TensorSpec((size, size, 3), tf.float32)
     return tf.map_fn(one, image_bytes, fn_output_signature=spec)

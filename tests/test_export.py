@@ -16,6 +16,8 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from lungtf import export
 from lungtf.constants import CLASS_NAMES
+from lungtf.data.ingest import Record
+from lungtf.data.pipeline import make_dataset
 from lungtf.serving.models import load_servable
 from lungtf.serving.server import replay_warmup
 
@@ -106,6 +108,22 @@ def test_reloaded_savedmodel_equals_keras(tiny_model: keras.Model, exported: Pat
         ids = expected.argmax(axis=1)
         np.testing.assert_array_equal(out["class_id"].numpy(), ids)
         assert [n.decode() for n in out["class_name"].numpy()] == [CLASS_NAMES[i] for i in ids]
+
+
+def test_bytes_signature_matches_the_training_pipeline(
+    tiny_model: keras.Model, exported: Path, tmp_path: Path
+) -> None:
+    files = []
+    for i, data in enumerate(jpeg_tiles(3, size=50)):
+        files.append(tmp_path / f"{i}.jpeg")
+        files[-1].write_bytes(data)
+    records = [Record(str(f), CLASS_NAMES[0]) for f in files]
+    pixels, _ = next(iter(make_dataset(records, SIZE, batch_size=3, training=False)))
+    served = tf.saved_model.load(str(exported)).signatures["serving_default"](
+        image_bytes=tf.constant([f.read_bytes() for f in files])
+    )
+    expected = tiny_model(pixels, training=False).numpy()
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
 
 
 def test_metadata_signature_and_asset(exported: Path) -> None:
