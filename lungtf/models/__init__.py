@@ -1,0 +1,30 @@
+"""Backbones and the classifier around them (docs/architecture.md, section lungtf.models).
+
+Importing this package registers every backbone (resnet50, efficientnetv2, regnet, resnet34) and
+every custom layer, so ``keras.models.load_model(path)`` works on any ``.keras`` file written here.
+"""
+
+from lungtf.models import applications, resnet  # noqa: F401  (registers the backbones)
+from lungtf.models.registry import (
+    BackboneSpec,
+    PixelNormalization,
+    build_model,
+    freeze_backbone,
+    get_spec,
+    list_backbones,
+    model_parts,
+    register_backbone,
+    unfreeze_backbone,
+)
+
+__all__ = [
+    "BackboneSpec",
+    "PixelNormalization",
+    "build_model",
+    "freeze_backbone",
+    "get_spec",
+    "list_backbones",
+    "model_parts",
+    "register_backbone",
+    "unfreeze_backbone",
+]

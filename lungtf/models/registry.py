@@ -1,0 +1,277 @@
+"""Backbone registry: one frozen spec per backbone, and ``build_model`` that wraps it in the head.
+
+Every model built here has the same outer shape (docs/architecture.md, section lungtf.models), so
+training, evaluation, Grad-CAM and export never need to know which backbone they hold::
+
+    pixels (float32 [None,S,S,3], raw 0-255 RGB)
+      -> preprocess   (the backbone's own input normalisation, inside the model)
+      -> backbone     (a keras.Model; output = last convolutional feature map [B,h,w,C])
+      -> pool -> dropout -> logits -> probabilities (softmax, float32 even under mixed precision)
+
+Keeping the preprocessing inside the model means a saved model, a SavedModel export and the web
+demo all take the same raw pixels, and nobody can feed it with the wrong normalisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import keras
+
+from lungtf.config import ModelConfig
+
+BACKBONE_LAYER = "backbone"
+WEIGHT_CHOICES: tuple[str, ...] = ("imagenet", "none", "PATH")
+"""What ``ModelConfig.weights`` may be: ImageNet weights, random init, or a weights file."""
+
+IMAGENET_FETCH_TIMEOUT_S = 20.0
+"""Socket timeout while keras.applications fetches ImageNet weights: fail fast when offline."""
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+@keras.saving.register_keras_serializable(package="lungtf")
+class PixelNormalization(keras.layers.Layer):
+    """Per-channel ``(x - mean) / std`` on raw 0-255 pixels, optionally RGB -> BGR first.
+
+    One layer covers both conventions used here: caffe-style (``keras.applications.resnet50.
+    preprocess_input``: BGR, ImageNet mean subtracted, no scaling) and torch-style (ImageNet mean
+    and standard deviation, in 0-255 units). It always computes in float32, so mixed precision
+    never rounds the pixels before the first convolution.
+
+    Args:
+        mean: three per-channel means, in the channel order *after* the optional BGR flip.
+        std: three per-channel standard deviations (same order).
+        bgr: reverse the channel axis (RGB input -> BGR) before normalising.
+    """
+
+    def __init__(self, mean, std=(1.0, 1.0, 1.0), bgr: bool = False, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must be 3 values, std > 0; got mean={mean}, std={std}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.bgr = bool(bgr)
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, "float32")
+        if self.bgr:
+            x = keras.ops.flip(x, axis=-1)
+        return (x - keras.ops.array(self.mean)) / keras.ops.array(self.std)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std, "bgr": self.bgr}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the rest of the project needs to know about one backbone.
+
+    Attributes:
+        name: registry name (``ModelConfig.backbone``).
+        build: ``build(variant, input_shape, **kw) -> keras.Model`` returning the headless network
+            (output: last convolutional feature map); transfer backbones accept ``weights``.
+        preprocess: ``preprocess(variant) -> keras.layers.Layer``, the input normalisation the
+            backbone expects, applied to raw 0-255 RGB pixels inside the model.
+        preprocessing: one line saying what ``preprocess`` does, for logs and reports.
+        default_size: the input side the backbone was designed for.
+        default_variant: the variant ``ModelConfig.variant=None`` resolves to.
+        variants: every allowed variant name.
+        from_scratch: ``True`` when no pretrained weights exist (train all layers from the start).
+        imagenet: whether ``weights="imagenet"`` is available (keras.applications weights).
+        finetune_batchnorm: whether ``unfreeze_backbone`` should let BatchNorm train again. False
+            for pretrained backbones: fine-tuning with the ImageNet statistics frozen is the Keras
+            recipe, small batches would otherwise overwrite them. True for from-scratch ones.
+        description: a short human description.
+    """
+
+    name: str
+    build: Callable[..., keras.Model]
+    preprocess: Callable[[str], keras.layers.Layer]
+    preprocessing: str
+    default_size: int
+    default_variant: str
+    variants: tuple[str, ...]
+    from_scratch: bool
+    imagenet: bool
+    finetune_batchnorm: bool
+    description: str
+
+    @property
+    def weights_allowed(self) -> tuple[str, ...]:
+        """Values ``ModelConfig.weights`` may take for this backbone."""
+        return WEIGHT_CHOICES if self.imagenet else ("none", "PATH")
+
+    def resolve_variant(self, variant: str | None) -> str:
+        """The canonical variant name (``None`` -> default), or ``ValueError`` listing the valid ones."""
+        chosen = self.default_variant if variant is None else str(variant).lower()
+        if chosen not in self.variants:
+            raise ValueError(
+                f"unknown {self.name} variant {variant!r}; valid variants: {', '.join(self.variants)}"
+            )
+        return chosen
+
+
+def register_backbone(name: str, **spec_fields) -> Callable:
+    """Decorator registering ``build`` under ``name`` with the remaining ``BackboneSpec`` fields.
+
+    Example::
+
+        @register_backbone("resnet34", preprocess=..., preprocessing="...", default_size=224,
+                           default_variant="34", variants=("34",), from_scratch=True,
+                           imagenet=False, finetune_batchnorm=True, description="...")
+        def resnet34(variant, input_shape): ...
+    """
+
+    def decorator(build: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        spec = BackboneSpec(name=name, build=build, **spec_fields)
+        spec.resolve_variant(spec.default_variant)
+        _REGISTRY[name] = spec
+        return build
+
+    return decorator
+
+
+def list_backbones() -> tuple[str, ...]:
+    """Registered backbone names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec of backbone ``name``; ``ValueError`` listing the registered names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backbone {name!r}; valid backbones: {', '.join(list_backbones())}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _imagenet_fetch(name: str) -> Iterator[None]:
+    """Bound socket waits while keras.applications downloads weights; turn failures into advice."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(IMAGENET_FETCH_TIMEOUT_S)
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as err:  # keras.utils.get_file raises a bare Exception on fetch failure
+        raise RuntimeError(
+            f"could not fetch the ImageNet weights of {name} ({err}). Use --weights PATH with a "
+            f"backbone weights file (saved by model.get_layer('backbone').save_weights(...)), or "
+            f"--weights none to train from random initialisation."
+        ) from err
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _build_backbone(spec: BackboneSpec, variant: str, cfg: ModelConfig) -> keras.Model:
+    shape = (cfg.image_size, cfg.image_size, 3)
+    if cfg.weights == "imagenet":
+        if not spec.imagenet:
+            raise ValueError(
+                f"{spec.name} has no ImageNet weights (it is {spec.description}); use "
+                f"--weights none (train from scratch) or --weights PATH (a backbone weights file)"
+            )
+        with _imagenet_fetch(spec.name):
+            backbone = spec.build(variant, shape, weights="imagenet")
+    else:
+        backbone = spec.build(variant, shape)
+    backbone.name = BACKBONE_LAYER
+    if cfg.weights not in ("imagenet", "none"):
+        try:
+            backbone.load_weights(cfg.weights)
+        except (ValueError, KeyError) as err:
+            raise ValueError(
+                f"weights file {cfg.weights} does not fit {spec.name} variant {variant} "
+                f"({err}); it must be saved from the same backbone and variant with "
+                f"model.get_layer('backbone').save_weights(...)"
+            ) from err
+    return backbone
+
+
+def build_model(cfg: ModelConfig) -> keras.Model:
+    """Build the classifier described by ``cfg`` (validated first).
+
+    The model takes raw 0-255 float32 RGB pixels of ``cfg.image_size`` and returns float32 class
+    probabilities, whatever the global dtype policy (mixed precision keeps the softmax in float32).
+
+    Raises:
+        ValueError: unknown backbone or variant, ``imagenet`` for a backbone that has none, or a
+            weights file that does not fit.
+        RuntimeError: ``imagenet`` weights could not be fetched (no network).
+    """
+    cfg.validate()
+    spec = get_spec(cfg.backbone)
+    variant = spec.resolve_variant(cfg.variant)
+    backbone = _build_backbone(spec, variant, cfg)
+    pixels = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="float32", name="pixels")
+    x = spec.preprocess(variant)(pixels)
+    x = backbone(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    x = keras.layers.Dense(cfg.num_classes, name="logits")(x)
+    probabilities = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(pixels, probabilities, name=f"{spec.name}_{variant}")
+
+
+def _sublayers(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
+    """Every layer nested in ``layer``, parents before their children."""
+    for sub in getattr(layer, "layers", ()):
+        yield sub
+        yield from _sublayers(sub)
+
+
+def freeze_backbone(model: keras.Model) -> None:
+    """Freeze the ``backbone`` layer: no trainable weights, every BatchNorm in inference mode.
+
+    In Keras 3 a BatchNormalization with ``trainable=False`` normalises with its moving statistics
+    even when called with ``training=True``, so the head can be trained on top of pretrained
+    features without disturbing them. Recompile the model after calling this.
+    """
+    model.get_layer(BACKBONE_LAYER).trainable = False
+
+
+def unfreeze_backbone(model: keras.Model, train_batchnorm: bool = False) -> None:
+    """Make the backbone trainable again for fine-tuning; recompile the model afterwards.
+
+    Args:
+        model: a model from ``build_model``.
+        train_batchnorm: also let the backbone's BatchNorm layers train (batch statistics and
+            gamma/beta). Keep ``False`` when fine-tuning pretrained weights: the BatchNorm layers
+            stay in inference mode with their pretrained statistics. Pass
+            ``get_spec(name).finetune_batchnorm`` to follow the backbone's own rule.
+    """
+    backbone = model.get_layer(BACKBONE_LAYER)
+    backbone.trainable = True
+    # Set every layer explicitly: Keras does not re-propagate trainable=True to a sublayer that was
+    # frozen on its own, so a previous unfreeze(train_batchnorm=False) would otherwise stick.
+    for layer in _sublayers(backbone):
+        layer.trainable = train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def model_parts(model: keras.Model) -> tuple[Callable, keras.Model, Callable]:
+    """Split a ``build_model`` model into ``(preprocess, backbone, head)`` callables (Grad-CAM).
+
+    ``head(features)`` maps the backbone's feature map to probabilities in inference mode, so
+    ``head(backbone(preprocess(pixels)))`` equals ``model(pixels)``.
+    """
+    pool, dropout, logits, probabilities = (
+        model.get_layer(n) for n in ("pool", "dropout", "logits", "probabilities")
+    )
+
+    def head(features):
+        return probabilities(logits(dropout(pool(features), training=False)))
+
+    return model.get_layer("preprocess"), model.get_layer(BACKBONE_LAYER), head
+

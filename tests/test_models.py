@@ -1,0 +1,176 @@
+"""Backbone registry: one harness over every registered backbone, plus counts, weights and errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from lungtf.config import ModelConfig
+from lungtf.models import (
+    build_model,
+    freeze_backbone,
+    get_spec,
+    list_backbones,
+    model_parts,
+    unfreeze_backbone,
+)
+
+SIZE = 64
+HARNESS_VARIANT = {"regnet": "200mf"}
+"""Small variants where the default is heavy; every other backbone is built at its default."""
+HEAD_LAYERS = ("pixels", "preprocess", "backbone", "pool", "dropout", "logits", "probabilities")
+
+
+def pixels(n: int = 2, size: int = SIZE, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+def batchnorms(backbone: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+@pytest.fixture(scope="module", params=list_backbones())
+def model(request) -> keras.Model:
+    cfg = ModelConfig(
+        backbone=request.param, variant=HARNESS_VARIANT.get(request.param), weights="none",
+        image_size=SIZE,
+    )
+    return build_model(cfg)
+
+
+def test_contract_layers_and_forward_batch_of_two(model):
+    assert [layer.name for layer in model.layers] == list(HEAD_LAYERS)
+    assert model.input.shape == (None, SIZE, SIZE, 3) and model.input.dtype == "float32"
+    assert len(model.get_layer("backbone").output.shape) == 4
+    probs = keras.ops.convert_to_numpy(model(pixels()))
+    assert probs.shape == (2, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_one_fit_step_changes_the_weights(model):
+    # Eager: tracing a graph train step costs ~30 s per backbone on a contended CPU; the graph path
+    # is exercised once, in the mixed-precision test.
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy", run_eagerly=True
+    )
+    before = [w.numpy().copy() for w in model.get_layer("logits").weights]
+    history = model.fit(pixels(), np.array([0, 2]), batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    after = model.get_layer("logits").weights
+    assert any(not np.allclose(b, a.numpy()) for b, a in zip(before, after))
+
+
+def test_get_config_round_trip_gives_equal_outputs(model):
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    x = pixels(seed=1)
+    np.testing.assert_allclose(clone(x, training=False), model(x, training=False), atol=1e-6)
+
+
+def test_model_parts_compose_to_the_model(model):
+    preprocess, backbone, head = model_parts(model)
+    x = pixels(seed=2)
+    composed = head(backbone(preprocess(x), training=False))
+    np.testing.assert_allclose(composed, model(x, training=False), atol=1e-6)
+
+
+def assert_batchnorm_inference_mode(backbone: keras.Model, x: np.ndarray) -> None:
+    """A training-mode pass neither uses batch statistics nor moves the moving statistics."""
+    bns = batchnorms(backbone)
+    moving = [bn.moving_mean.numpy().copy() for bn in bns]
+    backbone(x, training=True)
+    assert all(np.array_equal(m, bn.moving_mean.numpy()) for m, bn in zip(moving, bns))
+    z = np.random.default_rng(4).normal(3.0, 2.0, (2, 4, 4, bns[0].moving_mean.shape[0]))
+    np.testing.assert_allclose(bns[0](z, training=True), bns[0](z, training=False))
+
+
+def test_freeze_and_unfreeze_trainable_counts_and_batchnorm_mode(model):
+    backbone = model.get_layer("backbone")
+    n_all, n_bn = len(model.trainable_weights), len(batchnorms(backbone))
+    assert n_bn > 0
+    x = pixels(seed=3)
+    try:
+        freeze_backbone(model)
+        assert len(model.trainable_weights) == 2  # logits kernel + bias
+        assert_batchnorm_inference_mode(backbone, x)
+        unfreeze_backbone(model)  # fine-tuning: BatchNorm keeps its statistics (gamma, beta frozen)
+        assert len(model.trainable_weights) == n_all - 2 * n_bn
+        assert_batchnorm_inference_mode(backbone, x)
+    finally:
+        unfreeze_backbone(model, train_batchnorm=True)
+    assert len(model.trainable_weights) == n_all
+    moving = batchnorms(backbone)[0].moving_mean.numpy().copy()
+    backbone(x, training=True)
+    assert not np.array_equal(moving, batchnorms(backbone)[0].moving_mean.numpy())
+
+
+def test_resnet34_parameter_count_matches_reference():
+    model = build_model(ModelConfig(backbone="resnet34", weights="none", image_size=32, num_classes=1000))
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == 21_797_672  # torchvision resnet34 parameters (BN statistics are buffers)
+
+
+def test_unknown_backbone_and_variant_list_the_valid_names():
+    with pytest.raises(ValueError, match="resnet50, efficientnetv2") as err:
+        build_model(ModelConfig(backbone="vgg16", weights="none"))
+    assert "vgg16" in str(err.value)
+    with pytest.raises(ValueError, match="b0, b1, b2, b3, s, m, l"):
+        get_spec("efficientnetv2").resolve_variant("b7")
+
+
+def test_imagenet_refused_for_from_scratch_backbones():
+    for name in list_backbones():
+        spec = get_spec(name)
+        if not spec.imagenet:
+            assert spec.from_scratch
+            with pytest.raises(ValueError, match="--weights none"):
+                build_model(ModelConfig(backbone=name, weights="imagenet", image_size=32))
+
+
+def test_imagenet_fetch_fails_fast_when_unreachable(monkeypatch):
+    cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    if any(cached.glob("resnet50*notop*.h5")):
+        pytest.skip(f"ResNet50 ImageNet weights already cached in {cached}: no fetch to fail")
+    with socket.socket() as probe:  # a loopback port nothing listens on: the proxy refuses at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="--weights PATH.*--weights none"):
+        build_model(ModelConfig(backbone="resnet50", weights="imagenet", image_size=32))
+    assert time.monotonic() - start < 30
+
+
+def test_backbone_weights_file_round_trip(tmp_path):
+    cfg = ModelConfig(backbone="resnet34", weights="none", image_size=32)
+    source = build_model(cfg)
+    path = tmp_path / "backbone.weights.h5"
+    source.get_layer("backbone").save_weights(path)
+    loaded = build_model(ModelConfig(backbone="resnet34", weights=str(path), image_size=32))
+    for a, b in zip(source.get_layer("backbone").weights, loaded.get_layer("backbone").weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = pixels(size=32)
+    np.testing.assert_allclose(
+        source.get_layer("backbone")(x), loaded.get_layer("backbone")(x), atol=1e-6
+    )
+    wrong = ModelConfig(backbone="efficientnetv2", weights=str(path), image_size=32)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="does not fit efficientnetv2"):
+        warnings.simplefilter("ignore")  # Keras warns once per layer it cannot match
+        build_model(wrong)
+
+
+def test_caffe_preprocess_equals_keras_preprocess_input():
+    model = build_model(ModelConfig(backbone="resnet50", weights="none", image_size=32))
+    x = pixels(size=32)
+    expected = keras.applications.resnet50.preprocess_input(x.copy())
+    np.testing.assert_allclose(model.get_layer("preprocess")(x), expected, atol=1e-4)
