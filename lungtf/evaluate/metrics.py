@@ -115,7 +115,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
     macro_auc, auc_per_class, auc_note = roc_auc_ovr(y_true, probs)
     names = CLASS_NAMES[:n_classes]
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "per_class": {
             name: {
