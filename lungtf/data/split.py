@@ -1,0 +1,244 @@
+"""Leakage-safe splits: stratified grouped splitting, split manifests and the leak audit.
+
+LC25000 holds ~20 rotated/flipped copies of every source tile. A random split puts copies of one
+source in train and test, so a model is tested on what it has seen (the study's 0.999 accuracy).
+``make_split`` keeps every group (source tile) in exactly one split, per class, so test tiles are
+new tissue; ``random=True`` exists only to reproduce the leaky protocol and is labelled so in the
+manifest. ``audit`` measures what a split leaks with the same near-duplicate detector that makes
+the groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from lungtf.constants import (CLASS_NAMES, PROTOCOL_GROUPED, PROTOCOL_RANDOM, SPLIT_NAMES,
+                              SPLIT_PROTOCOLS)
+from lungtf.data import grouping, ingest
+from lungtf.data.ingest import Record
+
+MANIFEST_COLUMNS = ("path", "label", "group", "split", "protocol")
+
+
+def make_split(
+    records: list[Record],
+    ratios: tuple[float, float, float] = (0.7, 0.2, 0.1),
+    seed: int = 42,
+    random: bool = False,
+) -> list[Record]:
+    """Assign every record to ``train``/``val``/``test``, stratified by label.
+
+    Grouped (default): within each label, groups are visited in a seeded random order and each
+    goes whole to the split furthest below its share of that label's images, so a group lives
+    in exactly one split and the ratios are met as closely as group sizes allow.
+    ``random=True``: images are shuffled and cut per label, ignoring groups (leaky).
+
+    Args:
+        records: images with ``group`` set (not needed when ``random``).
+        ratios: train/val/test fractions; non-negative, summing to 1.
+        seed: the same seed and input give the same split.
+        random: reproduce the study's leaky random split.
+
+    Returns:
+        The records in input order, each with ``split`` set.
+
+    Raises:
+        ValueError: bad ratios, or (grouped) records without a group.
+    """
+    ratios = tuple(float(r) for r in ratios)
+    if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6 or ratios[0] == 0:
+        raise ValueError(f"ratios must be three non-negative fractions summing to 1 with a "
+                         f"non-zero train part; got {ratios}")
+    missing = [r.path for r in records if r.group is None]
+    if missing and not random:
+        raise ValueError(f"{len(missing)} records have no group (e.g. {missing[0]}); give groups, "
+                         f"detect them with lungtf.data.grouping.detect_groups, or use random=True")
+    rng = np.random.default_rng(seed)
+    target = np.array(ratios)
+    split_of: dict[int, str] = {}
+    for label in sorted({r.label for r in records}):
+        index = [i for i, r in enumerate(records) if r.label == label]
+        if random:
+            order = rng.permutation(index)
+            cuts = np.round(np.cumsum(target)[:-1] * len(order)).astype(int)
+            for name, part in zip(SPLIT_NAMES, np.split(order, cuts)):
+                split_of.update({int(i): name for i in part})
+            continue
+        members: dict[str, list[int]] = defaultdict(list)
+        for i in index:
+            members[records[i].group].append(i)
+        counts = np.zeros(3)
+        for group in rng.permutation(sorted(members)):
+            deficit = np.where(target > 0, target * len(index) - counts, -np.inf)
+            chosen = int(np.argmax(deficit))
+            counts[chosen] += len(members[group])
+            split_of.update({i: SPLIT_NAMES[chosen] for i in members[group]})
+    return [replace(r, split=split_of[i]) for i, r in enumerate(records)]
+
+
+def write_manifest(records: list[Record], path: str | os.PathLike, protocol: str) -> None:
+    """Write a split manifest CSV ``path,label,group,split,protocol`` (absolute image paths).
+
+    Raises:
+        ValueError: ``protocol`` is not in ``SPLIT_PROTOCOLS`` or a record has no split.
+    """
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {SPLIT_PROTOCOLS}; got {protocol!r}")
+    unsplit = [r.path for r in records if r.split not in SPLIT_NAMES]
+    if unsplit:
+        raise ValueError(f"{len(unsplit)} records have no split in {SPLIT_NAMES} "
+                         f"(e.g. {unsplit[0]}); run make_split first")
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows((r.path, r.label, r.group or "", r.split, protocol) for r in records)
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[list[Record], str]:
+    """Read a split manifest written by ``write_manifest``: ``(records, protocol)``.
+
+    Raises:
+        ValueError: a missing or mixed ``protocol`` column, or a row without a split.
+    """
+    records = ingest.load_records(path)
+    with open(path, newline="", encoding="utf-8") as fh:
+        protocols = {(row.get("protocol") or "").strip() for row in csv.DictReader(fh)}
+    if len(protocols) != 1 or not protocols <= set(SPLIT_PROTOCOLS):
+        raise ValueError(f"{path}: every row needs one protocol from {SPLIT_PROTOCOLS}; "
+                         f"found {sorted(protocols)}")
+    unsplit = [r.path for r in records if r.split is None]
+    if unsplit:
+        raise ValueError(f"{path}: {len(unsplit)} rows have no split (e.g. {unsplit[0]})")
+    return records, protocols.pop()
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What a split leaks.
+
+    Attributes:
+        pairs: cross-split near-duplicate pairs ``(path_a, split_a, path_b, split_b, ncc)``.
+        n_test: test images.
+        leaked: test images whose near-duplicate group (verified pairs, joined transitively)
+            has a member in train.
+        group_leaked: test images whose manifest ``group`` also has a member in train.
+    """
+
+    pairs: list[tuple[str, str, str, str, float]]
+    n_test: int
+    leaked: int
+    group_leaked: int
+
+    @property
+    def leak_rate(self) -> float:
+        """Share of test images with a near-duplicate in train (0 when there is no test set)."""
+        return self.leaked / self.n_test if self.n_test else 0.0
+
+    @property
+    def group_leak_rate(self) -> float:
+        """Share of test images whose manifest group is also in train."""
+        return self.group_leaked / self.n_test if self.n_test else 0.0
+
+
+def audit(records: list[Record], **options) -> AuditReport:
+    """Find near-duplicates across splits with ``grouping.near_duplicates`` and measure the leak.
+
+    Args:
+        records: split records (``split`` set).
+        **options: tuning passed to ``grouping.near_duplicates``.
+    """
+    paths, labels = [r.path for r in records], [r.label for r in records]
+    pairs, scores = grouping.near_duplicates(paths, labels, **options)
+    split = [r.split for r in records]
+    cross = [(paths[a], split[a], paths[b], split[b], float(s))
+             for (a, b), s in zip(pairs, scores) if split[a] != split[b]]
+    component = grouping._components(pairs, len(records))
+    train_components = {c for c, s in zip(component, split) if s == "train"}
+    train_groups = {r.group for r in records if r.split == "train" and r.group}
+    test = [i for i, s in enumerate(split) if s == "test"]
+    return AuditReport(
+        pairs=cross,
+        n_test=len(test),
+        leaked=sum(component[i] in train_components for i in test),
+        group_leaked=sum(records[i].group in train_groups for i in test if records[i].group),
+    )
+
+
+def _read_groups(path: str, root: Path) -> dict[str, str]:
+    """``absolute path -> group`` from a ``path,label,group`` CSV (paths relative to ``root``)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not {"path", "group"} <= set(reader.fieldnames or []):
+            raise ValueError(f"groups file {path} has columns {reader.fieldnames}; "
+                             f"it needs path,label,group")
+        rows = list(reader)
+    return {str((root / row["path"].strip()).resolve()): row["group"].strip() for row in rows}
+
+
+def _split_command(args: argparse.Namespace) -> int:
+    ratios = tuple(float(x) for x in args.ratios.split(","))
+    records, bad = ingest.check_images(ingest.load_records(args.data))
+    for b in bad:
+        print(f"skipped bad file {b.path}: {b.reason}")
+    if args.random:
+        print("WARNING: random (leaky) split: copies of one source tile land in train and test; "
+              "use it only to reproduce the study's protocol")
+    elif args.groups:
+        root = Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent
+        groups = _read_groups(args.groups, root)
+        missing = [r.path for r in records if r.path not in groups]
+        if missing:
+            print(f"{len(missing)} images are not in {args.groups} (e.g. {missing[0]})")
+            return 2
+        records = [replace(r, group=groups[r.path]) for r in records]
+    elif any(r.group is None for r in records):
+        print(f"detecting near-duplicate groups in {len(records)} images ...")
+        found = grouping.detect_groups([r.path for r in records], [r.label for r in records])
+        records = [replace(r, group=g) for r, g in zip(records, found)]
+    protocol = PROTOCOL_RANDOM if args.random else PROTOCOL_GROUPED
+    records = make_split(records, ratios, args.seed, random=args.random)
+    write_manifest(records, args.out, protocol)
+    count = Counter((r.label, r.split) for r in records)
+    print(f"protocol: {protocol}; {len({r.group for r in records})} groups; wrote {args.out}")
+    print(f"{'class':<10}" + "".join(f"{s:>7}" for s in SPLIT_NAMES))
+    for label in CLASS_NAMES:
+        print(f"{label:<10}" + "".join(f"{count[label, s]:>7}" for s in SPLIT_NAMES))
+    return 0
+
+
+def _audit_command(args: argparse.Namespace) -> int:
+    records, protocol = read_manifest(args.manifest)
+    report = audit(records)
+    print(f"protocol: {protocol}")
+    print(f"cross-split near-duplicate pairs: {len(report.pairs)}")
+    for a, split_a, b, split_b, score in report.pairs[: args.show]:
+        print(f"  {split_a}:{a}  {split_b}:{b}  ncc={score:.2f}")
+    print(f"leak rate (test images with a near-duplicate in train): {report.leak_rate:.2%} "
+          f"({report.leaked}/{report.n_test})")
+    print(f"group leak rate (test images whose group is in train): {report.group_leak_rate:.2%}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``split`` (write a split manifest) and ``audit`` (measure a manifest's leak)."""
+    p = subparsers.add_parser("split", help="write a stratified, grouped train/val/test manifest")
+    p.add_argument("--data", required=True, help="class-folder dataset, LC25000 root or CSV")
+    p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.add_argument("--ratios", default="0.7,0.2,0.1", help="train,val,test fractions")
+    p.add_argument("--seed", type=int, default=42)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--groups", help="path,label,group CSV, paths relative to --data")
+    source.add_argument("--random", action="store_true",
+                        help="leaky random split, only to reproduce the study")
+    p.set_defaults(func=_split_command)
+    p = subparsers.add_parser("audit", help="near-duplicates across splits and the leak rate")
+    p.add_argument("manifest", help="split manifest CSV")
+    p.add_argument("--show", type=int, default=20, help="cross-split pairs to print")
+    p.set_defaults(func=_audit_command)
