@@ -181,3 +181,27 @@ def test_metadata_that_disagrees_with_the_model_is_refused(
     with pytest.raises(ValueError, match="class_names"):
         export.export_model(tiny_model, tmp_path, {"class_names": ["a", "b", "c"]})
     assert export.numeric_versions(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_command_line_exports_a_run_dir_and_a_keras_file(
+    tiny_model: keras.Model, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "runs" / "20261127-tiny"
+    (run / "best").mkdir(parents=True)
+    tiny_model.save(run / "best" / "model.keras")
+    meta = {"backbone": "tiny", "image_size": SIZE, "split_protocol": "grouped", "temperature": 1.0}
+    (run / "best" / "lungtf.json").write_text(json.dumps(meta))
+    base = tmp_path / "models" / "lungtf"
+    assert export.main([str(run), "--base-path", str(base)]) == 0
+    assert capsys.readouterr().out.strip() == str(base / "1")
+    written = json.loads((base / "1" / "assets" / "lungtf.json").read_text())
+    assert written["backbone"] == "tiny" and written["split_protocol"] == "grouped"
+    lone = tmp_path / "lone.keras"  # a .keras file without lungtf.json: metadata from the model
+    tiny_model.save(lone)
+    assert export.main([str(lone), "--base-path", str(base), "--version", "5"]) == 0
+    assert json.loads((base / "5" / "assets" / "lungtf.json").read_text())["image_size"] == SIZE
+    assert export.numeric_versions(base) == [1, 5]
+    assert export.main([str(lone), "--base-path", str(base), "--version", "5"]) == 2
+    assert "version 5 already exists" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "nothing"), "--base-path", str(base)]) == 2
+    assert "expected a run directory" in capsys.readouterr().err
