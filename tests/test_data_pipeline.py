@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from lungtf.config import AUGMENTATIONS, DEFAULT_AUGMENT
@@ -51,7 +52,9 @@ def test_training_is_shuffled_and_deterministic_given_seed(tiny_folder: Path):
 
     def run(seed: int) -> tuple[np.ndarray, np.ndarray]:
         aug = build_augmenter(DEFAULT_AUGMENT, seed=seed)
-        return _collect(make_dataset(records, 32, 8, training=True, augmenter=aug, seed=seed))
+        return _collect(
+            make_dataset(records, 32, 8, training=True, augmenter=aug, seed=seed, jit_compile=False)
+        )
 
     (x1, y1), (x2, y2), (_, y3) = run(1), run(1), run(2)
     assert np.array_equal(y1, y2) and np.array_equal(x1, x2)
@@ -115,11 +118,12 @@ def test_every_augmentation_keeps_shape_dtype_and_range(name: str):
     assert np.array_equal(keras.ops.convert_to_numpy(augmenter(batch, training=False)), batch)
 
 
-def test_flips_are_exact_and_combined(tmp_path: Path):
-    batch = _batch(16)
-    out = keras.ops.convert_to_numpy(
-        build_augmenter(["flip_horizontal", "flip_vertical"], seed=5)(batch, training=True)
-    )
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+def test_flips_are_exact_and_combined(jit: bool):
+    batch = _batch(64, size=8)
+    augmenter = build_augmenter(["flip_horizontal", "flip_vertical"], seed=5)
+    warp = tf.function(lambda x: augmenter(x, training=True), jit_compile=jit)
+    out = warp(tf.constant(batch)).numpy()
     seen = set()
     for image, flipped in zip(batch, out):
         variants = {
@@ -183,8 +187,8 @@ def test_make_dataset_rejects_bad_input(tiny_folder: Path):
 
 def test_show_batch_writes_a_png(tiny_folder: Path, tmp_path: Path, artifacts_dir: Path):
     records = load_records(tiny_folder)
-    x, y = next(iter(make_dataset(records, 32, 12, training=True, augmenter=build_augmenter(
-        DEFAULT_AUGMENT))))
+    x, y = next(iter(make_dataset(records, 32, 12, training=True, jit_compile=False,
+                                  augmenter=build_augmenter(DEFAULT_AUGMENT))))
     out = tmp_path / "batch.png"
     show_batch(x, y, out, ncols=6)
     with Image.open(out) as png:

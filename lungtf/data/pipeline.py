@@ -35,11 +35,17 @@ def decode_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     """Decode one JPEG/PNG to RGB and squish-resize it to ``image_size`` square (no crop).
 
     Returns:
-        ``uint8 [image_size, image_size, 3]``; antialiased bilinear resize, rounded.
+        ``uint8 [image_size, image_size, 3]``; antialiased bilinear resize, rounded (skipped when
+        the image already has that size).
     """
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size), antialias=True)
-    return tf.saturate_cast(tf.round(image), tf.uint8)
+
+    def resize() -> tf.Tensor:
+        resized = tf.image.resize(image, (image_size, image_size), antialias=True)
+        return tf.saturate_cast(tf.round(resized), tf.uint8)
+
+    same = tf.reduce_all(tf.shape(image)[:2] == image_size)  # tiles already at size: no resample
+    return tf.ensure_shape(tf.cond(same, lambda: image, resize), (image_size, image_size, 3))
 
 
 def make_dataset(
@@ -50,6 +56,7 @@ def make_dataset(
     augmenter: keras.Layer | None = None,
     seed: int = 42,
     cache: bool = False,
+    jit_compile: bool = True,
 ) -> tf.data.Dataset:
     """Build the input pipeline: list, read, decode, resize, (cache), (shuffle), batch, (augment).
 
@@ -61,6 +68,8 @@ def make_dataset(
         augmenter: a layer (see ``build_augmenter``) called on float32 batches, training only.
         seed: shuffle seed; with a seeded augmenter the whole stream is reproducible.
         cache: keep the decoded, resized 8-bit tiles in memory after the first epoch.
+        jit_compile: compile the augmentation with XLA (about twice as fast on CPU; each new
+            batch shape costs a few seconds of compilation once).
 
     Returns:
         A dataset of ``(float32 [B, S, S, 3] pixels in 0..255, int32 [B] class ids)``.
@@ -90,7 +99,9 @@ def make_dataset(
             ds = ds.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE)
     if training and augmenter is not None:
-        ds = ds.map(lambda x, y: (augmenter(tf.cast(x, tf.float32), training=True), y))
+        augment = tf.function(lambda x: augmenter(tf.cast(x, tf.float32), training=True),
+                              jit_compile=jit_compile)
+        ds = ds.map(lambda x, y: (augment(x), y))
     else:
         ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -104,13 +115,21 @@ def _per_image_uniform(
     return keras.random.uniform((batch, 1, 1, channels), low, high, seed=generator)
 
 
+def _reflect(coord, size: int):
+    """Mirror a sampling coordinate into ``[-0.5, size - 0.5)`` (mode ``d c b a | a b c d``)."""
+    coord = ops.mod(coord + 0.5, 2.0 * size) - 0.5
+    return ops.where(coord >= size - 0.5, 2.0 * size - 1.0 - coord, coord)
+
+
 @keras.saving.register_keras_serializable(package="lungtf")
 class RandomFlipRotate(keras.layers.Layer):
-    """Random horizontal/vertical flips and a rotation, as one projective warp per batch.
+    """Random horizontal/vertical flips and a rotation, as one bilinear warp of the batch.
 
-    Flips and rotation are combined into a single ``affine_transform`` (TensorFlow's
-    ImageProjectiveTransform kernel), so the batch is resampled once; flips alone are exact, and
-    the border is filled by reflection, so no black corners reach the model.
+    Each output pixel samples the input at ``M (p - c) + c`` (``M`` = flips times rotation,
+    ``c`` the image centre) from four gathered neighbours; the border is mirrored, so no black
+    corners reach the model, and flips alone are exact (integer coordinates, zero weights). Written
+    with gathers in ``keras.ops`` rather than TensorFlow's ImageProjectiveTransform kernel so that
+    XLA can compile it (``make_dataset`` does), which runs about twice as fast on CPU.
 
     Args:
         horizontal: flip left-right with probability 0.5.
@@ -128,30 +147,39 @@ class RandomFlipRotate(keras.layers.Layer):
     def call(self, images, training=True):
         if not training:
             return images
-        batch = ops.shape(images)[0]
-        height = ops.cast(ops.shape(images)[1], "float32")
-        width = ops.cast(ops.shape(images)[2], "float32")
+        batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
 
         def sign(enabled):
             if not enabled:
-                return ops.ones((batch,))
-            return ops.where(keras.random.uniform((batch,), seed=self.generator) < 0.5, -1.0, 1.0)
+                return ops.ones((batch, 1, 1))
+            draw = keras.random.uniform((batch, 1, 1), seed=self.generator)
+            return ops.where(draw < 0.5, -1.0, 1.0)
 
         sx, sy = sign(self.horizontal), sign(self.vertical)
         limit = self.max_degrees * math.pi / 180.0
-        angle = keras.random.uniform((batch,), -limit, limit, seed=self.generator)
+        angle = keras.random.uniform((batch, 1, 1), -limit, limit, seed=self.generator)
         cos, sin = ops.cos(angle), ops.sin(angle)
-        cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
-        # Output pixel (x, y) samples input at M @ (x - c) + c, with M = flip @ rotation.
-        a0, a1 = sx * cos, -sx * sin
-        b0, b1 = sy * sin, sy * cos
-        zeros = ops.zeros((batch,))
-        transform = ops.stack(
-            [a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, zeros, zeros], axis=1
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        dy, dx = ops.meshgrid(
+            ops.arange(height, dtype="float32") - cy, ops.arange(width, dtype="float32") - cx,
+            indexing="ij",
         )
-        if self.max_degrees == 0:  # exact flips: nearest sampling keeps every pixel value
-            return ops.image.affine_transform(images, transform, "nearest", "reflect")
-        return ops.image.affine_transform(images, transform, "bilinear", "reflect")
+        src_x = _reflect(sx * (cos * dx - sin * dy) + cx, width)
+        src_y = _reflect(sy * (sin * dx + cos * dy) + cy, height)
+        x0, y0 = ops.floor(src_x), ops.floor(src_y)
+        fx, fy = ops.expand_dims(src_x - x0, -1), ops.expand_dims(src_y - y0, -1)
+        x0, y0 = ops.cast(x0, "int32"), ops.cast(y0, "int32")
+        x1, y1 = ops.clip(x0 + 1, 0, width - 1), ops.clip(y0 + 1, 0, height - 1)
+        x0, y0 = ops.clip(x0, 0, width - 1), ops.clip(y0, 0, height - 1)
+        pixels = ops.reshape(images, (-1, ops.shape(images)[3]))
+        offset = ops.reshape(ops.arange(batch, dtype="int32") * (height * width), (-1, 1, 1))
+
+        def at(y, x):
+            return ops.take(pixels, offset + y * width + x, axis=0)
+
+        top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx
+        bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx
+        return top * (1.0 - fy) + bottom * fy
 
     def get_config(self):
         return {**super().get_config(), "horizontal": self.horizontal, "vertical": self.vertical,
