@@ -31,6 +31,8 @@ from test_export import jpeg_tiles, make_tiny_model
 
 from lungtf import export
 from lungtf.serving.__main__ import main as serving_main
+from lungtf.serving.config import ModelEntry
+from lungtf.serving.models import ModelManager
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = """model_config_list {{
@@ -283,6 +285,40 @@ def test_hot_swap_never_fails_in_flight_requests(live: dict) -> None:
         live["predict"].Predict(with_label(good(), "stable"), timeout=60).model_spec.version.value
         == 1
     )
+
+
+def test_version_policies() -> None:
+    on_disk = [1, 2, 5, 7]
+    assert ModelEntry("m", Path("."), "latest", num_versions=2).wanted(on_disk) == [5, 7]
+    assert ModelEntry("m", Path(".")).wanted([]) == []
+    assert ModelEntry("m", Path("."), "all").wanted(on_disk) == on_disk
+    assert ModelEntry("m", Path("."), "specific", versions=(2, 3)).wanted(on_disk) == [2]
+
+
+def test_manager_skips_half_written_and_broken_versions(
+    live: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = tmp_path / "lungtf"
+    shutil.copytree(live["base"] / "1", base / "1")
+    manager = ModelManager([ModelEntry("lungtf", base)])
+    manager.poll(initial=True)
+    assert list(manager.table()["lungtf"]) == [1]
+    (base / "3").mkdir()  # a copy that has not reached saved_model.pb yet
+    (base / "2").mkdir()
+    (base / "2" / "saved_model.pb").write_bytes(b"half a protobuf")
+    for _ in range(3):
+        manager.poll()
+    assert list(manager.table()["lungtf"]) == [1]  # broken 2 and empty 3 are never served
+    assert caplog.text.count("could not load lungtf version 2") == 1  # not retried unchanged
+    shutil.rmtree(base / "2")
+    shutil.copytree(live["base"] / "1", base / "2")
+    manager.poll()  # first sight of the new 2: wait until it stops changing
+    assert list(manager.table()["lungtf"]) == [1]
+    manager.poll()
+    assert list(manager.table()["lungtf"]) == [2]  # latest 1: 2 loaded, then 1 unloaded
+    shutil.rmtree(base / "2")
+    manager.poll()
+    assert list(manager.table()["lungtf"]) == [1]  # a deleted version is unloaded
 
 
 def test_sigterm_stops_gracefully(live: dict) -> None:
