@@ -3,7 +3,10 @@
 Measures, back to back in one run, ``lungtf.data.pipeline.make_dataset(training=True)`` with
 decode + squish-resize alone and with the default augmentation (``lungtf.config.DEFAULT_AUGMENT``:
 flips + rotation <= 10 degrees), at 224 px and batch 64 by default. The first ``--warmup`` batches
-(graph tracing, thread start-up, file cache) are not timed.
+(graph tracing, XLA compilation, thread start-up, file cache) are not timed. Besides wall-clock
+img/s it prints the process CPU time per image, a figure less distorted when other jobs share
+the cores (the load average is printed too): on N free cores, throughput would be about
+N / (CPU time per image) — a cautious figure, since contention inflates CPU time as well.
 
     python bench/pipeline.py [--data ../shared/data/lc25000-lung-224] [--images 3000]
 """
@@ -24,16 +27,21 @@ from lungtf.data.pipeline import build_augmenter, make_dataset
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lc25000-lung-224"
 
 
-def images_per_second(ds, warmup: int, images: int) -> tuple[float, int]:
-    """Iterate ``ds`` (repeated), skip ``warmup`` batches, then time at least ``images`` images."""
+def measure(ds, warmup: int, images: int) -> tuple[float, float, int]:
+    """Iterate ``ds`` (repeated), skip ``warmup`` batches, then time at least ``images`` images.
+
+    Returns:
+        ``(wall-clock images per second, CPU milliseconds per image, images timed)``.
+    """
     it = iter(ds.repeat())
     for _ in range(warmup):
         next(it)
-    seen, start = 0, time.perf_counter()
+    seen, start, cpu = 0, time.perf_counter(), time.process_time()
     while seen < images:
         x, _ = next(it)
         seen += int(x.shape[0])
-    return seen / (time.perf_counter() - start), seen
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seen / wall, 1000 * cpu / seen, seen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     records = load_records(args.data)
+    cores = os.cpu_count() or 1
     print(f"{len(records)} tiles from {args.data}; image_size={args.image_size}, "
-          f"batch_size={args.batch_size}, {os.cpu_count()} CPU cores visible")
+          f"batch_size={args.batch_size}; {cores} CPU cores, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     configs = {
         "decode+resize": None,
         "decode+resize+augment " + ",".join(DEFAULT_AUGMENT): build_augmenter(
@@ -57,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, augmenter in configs.items():
         ds = make_dataset(records, args.image_size, args.batch_size, training=True,
                           augmenter=augmenter, seed=args.seed)
-        rate, seen = images_per_second(ds, args.warmup, args.images)
-        print(f"{name:<58} {rate:8.0f} img/s  ({seen} images timed)")
+        rate, cpu_ms, seen = measure(ds, args.warmup, args.images)
+        print(f"{name:<58} {rate:7.0f} img/s wall  {cpu_ms:5.2f} ms CPU/img "
+              f"(~{cores * 1000 / cpu_ms:.0f} img/s if {cores} cores were free)  [{seen} images]")
 
 
 if __name__ == "__main__":

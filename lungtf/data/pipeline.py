@@ -116,9 +116,13 @@ def _per_image_uniform(
 
 
 def _reflect(coord, size: int):
-    """Mirror a sampling coordinate into ``[-0.5, size - 0.5)`` (mode ``d c b a | a b c d``)."""
-    coord = ops.mod(coord + 0.5, 2.0 * size) - 0.5
-    return ops.where(coord >= size - 0.5, 2.0 * size - 1.0 - coord, coord)
+    """Mirror a sampling coordinate at the image border (mode ``d c b a | a b c d``).
+
+    One reflection suffices: a flip or rotation about the centre never samples further than
+    0.21 image sides outside the image.
+    """
+    coord = ops.where(coord < -0.5, -1.0 - coord, coord)
+    return ops.where(coord > size - 0.5, 2.0 * size - 1.0 - coord, coord)
 
 
 @keras.saving.register_keras_serializable(package="lungtf")
