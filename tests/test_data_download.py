@@ -56,3 +56,13 @@ def test_dest_that_already_holds_the_data_is_not_downloaded(offline_kaggle, tiny
     tiny_folder.rename(root / "lung_image_sets")
     assert download(root.parent) == root / "lung_image_sets"
 
+
+
+def test_cli_download(offline_kaggle, tiny_folder: Path, tmp_path: Path, capsys):
+    from lungtf.data.__main__ import main
+
+    assert main(["download", "--dest", str(tmp_path / "empty"), "--timeout", "1"]) == 1
+    assert "place LC25000 by hand" in capsys.readouterr().err
+    assert main(["download", "--dest", str(tiny_folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"LC25000 lung tiles are in {tiny_folder}" in out and f"--data {tiny_folder}" in out

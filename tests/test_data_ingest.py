@@ -167,3 +167,29 @@ def test_shared_real_tiles(shared_data: Path):
     assert len(records) == 6036
     assert {r.label for r in records} == set(CLASS_NAMES)
     assert records == sorted(records, key=lambda r: r.path)
+
+
+def test_cli_check(tmp_path: Path, capsys):
+    from lungtf.data.__main__ import main
+
+    _broken_files(tmp_path / "data" / "lung_scc")
+    write_tile(tmp_path / "data" / "lung_aca" / "a.jpeg", seed=1)
+    report = tmp_path / "bad_files.csv"
+    assert main(["check", "--data", str(tmp_path / "data"), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    assert lines["lung_aca"] == ["1", "1", "0"]
+    assert lines["lung_scc"] == ["9", "3", "6"]
+    assert lines["total"] == ["10", "4", "6"]
+    assert f"bad: {tmp_path / 'data' / 'lung_scc' / 'zero.jpeg'}: empty file (0 bytes)" in out
+    with open(report, newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+
+
+def test_cli_check_without_usable_images(tmp_path: Path, capsys):
+    from lungtf.data.__main__ import main
+
+    (tmp_path / "lung_n").mkdir()
+    (tmp_path / "lung_n" / "empty.png").write_bytes(b"")
+    assert main(["check", "--data", str(tmp_path)]) == 1
+    assert "no usable images" in capsys.readouterr().out
