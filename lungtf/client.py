@@ -104,6 +104,29 @@ def split_batches(items: list[bytes], max_bytes: int, max_items: int) -> Iterato
         yield batch
 
 
+def parse_predictions(response: Any, count: int) -> list[Prediction]:
+    """``Prediction``s from a ``PredictResponse`` of ``count`` images.
+
+    ``tf.make_ndarray`` reads both TF Serving's typed fields (``float_val``, ``int64_val``) and
+    ``tensor_content``.
+
+    Raises:
+        LungClientError: (DATA_LOSS) when the response does not hold ``count`` predictions.
+    """
+    probs = tf.make_ndarray(response.outputs["probabilities"])
+    ids = tf.make_ndarray(response.outputs["class_id"])
+    if probs.shape != (count, len(CLASS_NAMES)) or ids.shape != (count,):
+        raise LungClientError(
+            grpc.StatusCode.DATA_LOSS,
+            f"expected probabilities [{count}, {len(CLASS_NAMES)}] and class_id [{count}]; "
+            f"received {list(probs.shape)} and {list(ids.shape)}",
+        )
+    return [
+        Prediction(CLASS_NAMES[int(i)], int(i), dict(zip(CLASS_NAMES, map(float, p))))
+        for i, p in zip(ids, probs)
+    ]
+
+
 class LungClient:
     """Predictions, metadata and status from a served lungtf model.
 
@@ -175,13 +198,7 @@ class LungClient:
         """One Predict call on already encoded images (no splitting)."""
         request = self._request("serving_default")
         request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
-        response = self._call(self._predict.Predict, request)
-        probs = tf.make_ndarray(response.outputs["probabilities"]).reshape(len(batch), -1)
-        ids = tf.make_ndarray(response.outputs["class_id"]).reshape(len(batch))
-        return [
-            Prediction(CLASS_NAMES[int(i)], int(i), dict(zip(CLASS_NAMES, map(float, p))))
-            for i, p in zip(ids, probs)
-        ]
+        return parse_predictions(self._call(self._predict.Predict, request), len(batch))
 
     def predict(
         self, images: Iterable[Any], progress: Callable[[int], None] | None = None

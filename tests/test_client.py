@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow_serving.apis import predict_pb2
 from test_export import make_tiny_model
 from test_serving import launch, wait_ready
 
 from lungtf import export
-from lungtf.client import LungClient, LungClientError, main, split_batches
+from lungtf.client import LungClient, LungClientError, main, parse_predictions, split_batches
 from lungtf.constants import CLASS_NAMES
 
 
@@ -79,6 +80,26 @@ def test_predict_paths_bytes_and_pil_match_keras(served: dict, tiles: list[Path]
     want = in_process(served["model"], [png.getvalue()])[0]
     np.testing.assert_allclose(list(one.probabilities.values()), want, atol=1e-5)
     client.close()
+
+
+def test_parse_typed_fields_as_tf_serving_sends_them() -> None:
+    response = predict_pb2.PredictResponse()
+    probs = response.outputs["probabilities"]
+    probs.dtype = tf.float32.as_datatype_enum
+    probs.tensor_shape.dim.add(size=2)
+    probs.tensor_shape.dim.add(size=3)
+    probs.float_val.extend([0.1, 0.7, 0.2, 0.6, 0.3, 0.1])
+    ids = response.outputs["class_id"]
+    ids.dtype = tf.int64.as_datatype_enum
+    ids.tensor_shape.dim.add(size=2)
+    ids.int64_val.extend([1, 0])
+    preds = parse_predictions(response, 2)
+    assert [(p.label, p.class_id) for p in preds] == [("lung_n", 1), ("lung_aca", 0)]
+    assert preds[0].probabilities == pytest.approx(
+        {"lung_aca": 0.1, "lung_n": 0.7, "lung_scc": 0.2}
+    )
+    with pytest.raises(LungClientError, match=r"expected probabilities \[3, 3\]"):
+        parse_predictions(response, 3)
 
 
 def test_small_byte_budget_splits_into_several_requests(served: dict, tiles: list[Path]) -> None:
