@@ -6,11 +6,13 @@ import os
 import socket
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from lungtf.config import ModelConfig
 from lungtf.models import (
@@ -21,6 +23,7 @@ from lungtf.models import (
     model_parts,
     unfreeze_backbone,
 )
+from lungtf.models.regnet import REGNETY, GroupedConv2D, stage_plan
 
 SIZE = 64
 HARNESS_VARIANT = {"regnet": "200mf"}
@@ -111,10 +114,35 @@ def test_freeze_and_unfreeze_trainable_counts_and_batchnorm_mode(model):
     assert not np.array_equal(moving, batchnorms(backbone)[0].moving_mean.numpy())
 
 
+def trainable_count(model: keras.Model) -> int:
+    """Trainable parameters: what papers and torchvision count (BN statistics are buffers)."""
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
 def test_resnet34_parameter_count_matches_reference():
     model = build_model(ModelConfig(backbone="resnet34", weights="none", image_size=32, num_classes=1000))
-    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    assert trainable == 21_797_672  # torchvision resnet34 parameters (BN statistics are buffers)
+    assert trainable_count(model) == 21_797_672  # torchvision resnet34
+
+
+def test_regnety_default_parameter_count_matches_the_paper():
+    model = build_model(ModelConfig(backbone="regnet", weights="none", image_size=32, num_classes=1000))
+    assert model.name == "regnet_1.6gf"
+    assert trainable_count(model) == pytest.approx(11.2e6, rel=0.02)  # pycls RegNetY-1.6GF: 11.2 M
+
+
+@pytest.mark.parametrize(
+    "variant, widths, depths",
+    [
+        ("200mf", [24, 56, 152, 368], [1, 1, 4, 7]),
+        ("800mf", [64, 128, 320, 768], [1, 3, 8, 2]),
+        ("1.6gf", [48, 120, 336, 888], [2, 6, 17, 2]),
+        ("3.2gf", [72, 216, 576, 1512], [2, 5, 13, 1]),
+    ],
+)
+def test_regnety_stage_widths_match_published_models(variant, widths, depths):
+    plan = stage_plan(REGNETY[variant])
+    assert [w for w, _, _ in plan] == widths and [d for _, d, _ in plan] == depths
+    assert all(w % g == 0 for w, _, g in plan)
 
 
 def test_unknown_backbone_and_variant_list_the_valid_names():
@@ -152,21 +180,66 @@ def test_imagenet_fetch_fails_fast_when_unreachable(monkeypatch):
 
 
 def test_backbone_weights_file_round_trip(tmp_path):
-    cfg = ModelConfig(backbone="resnet34", weights="none", image_size=32)
+    cfg = ModelConfig(backbone="regnet", variant="200mf", weights="none", image_size=32)
     source = build_model(cfg)
     path = tmp_path / "backbone.weights.h5"
     source.get_layer("backbone").save_weights(path)
-    loaded = build_model(ModelConfig(backbone="resnet34", weights=str(path), image_size=32))
+    loaded = build_model(replace(cfg, weights=str(path)))
     for a, b in zip(source.get_layer("backbone").weights, loaded.get_layer("backbone").weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    x = pixels(size=32)
+    features = pixels(size=32)
     np.testing.assert_allclose(
-        source.get_layer("backbone")(x), loaded.get_layer("backbone")(x), atol=1e-6
+        source.get_layer("backbone")(features), loaded.get_layer("backbone")(features), atol=1e-6
     )
-    wrong = ModelConfig(backbone="efficientnetv2", weights=str(path), image_size=32)
-    with warnings.catch_warnings(), pytest.raises(ValueError, match="does not fit efficientnetv2"):
+    wrong = replace(cfg, variant="400mf", weights=str(path))
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="does not fit regnet variant 400mf"):
         warnings.simplefilter("ignore")  # Keras warns once per layer it cannot match
         build_model(wrong)
+
+
+def test_keras_file_reloads_with_custom_layers(tmp_path):
+    model = build_model(ModelConfig(backbone="resnet34", weights="none", image_size=32, dropout=0.0))
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.models.load_model(tmp_path / "m.keras")
+    assert reloaded.get_layer("preprocess").get_config() == model.get_layer("preprocess").get_config()
+    x = pixels(size=32)
+    np.testing.assert_allclose(reloaded(x, training=False), model(x, training=False), atol=1e-6)
+
+
+def test_mixed_precision_keeps_probabilities_float32():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_model(
+            ModelConfig(backbone="regnet", variant="200mf", weights="none", image_size=32)
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.get_layer("logits").compute_dtype == "bfloat16"
+    assert model.get_layer("backbone").layers[1].compute_dtype == "bfloat16"
+    assert model.get_layer("preprocess").compute_dtype == "float32"
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
+    history = model.fit(pixels(size=32), np.array([1, 2]), batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    probs = model(pixels(size=32))
+    assert probs.dtype == "float32"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(probs).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_grouped_conv_depthwise_rewrite_equals_grouped_convolution():
+    x = np.random.default_rng(5).normal(size=(2, 9, 9, 48)).astype("float32")
+    fast = GroupedConv2D(48, 3, strides=2, group_width=8, implementation="depthwise")
+    y = fast(x)
+    reference = keras.layers.Conv2D(48, 3, strides=2, padding="same", groups=6, use_bias=False)
+    reference.build(x.shape)
+    reference.set_weights(fast.get_weights())
+    np.testing.assert_allclose(y, reference(x), atol=1e-5)
+    assert tuple(y.shape) == fast.compute_output_shape(x.shape) == (2, 5, 5, 48)
+    clone = GroupedConv2D.from_config(fast.get_config())
+    assert clone.get_config() == fast.get_config()
+    traced = tf.function(fast, input_signature=[tf.TensorSpec([None, None, None, 48])])
+    np.testing.assert_allclose(traced(x), y, atol=1e-6)  # dynamic shapes in a graph (export)
+    with pytest.raises(ValueError, match="multiple of group_width"):
+        GroupedConv2D(48, 3, group_width=7)(x)
 
 
 def test_caffe_preprocess_equals_keras_preprocess_input():

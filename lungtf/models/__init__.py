@@ -4,7 +4,7 @@ Importing this package registers every backbone (resnet50, efficientnetv2, regne
 every custom layer, so ``keras.models.load_model(path)`` works on any ``.keras`` file written here.
 """
 
-from lungtf.models import applications, resnet  # noqa: F401  (registers the backbones)
+from lungtf.models import applications, regnet, resnet  # noqa: F401  (registers the backbones)
 from lungtf.models.registry import (
     BackboneSpec,
     PixelNormalization,

@@ -30,10 +30,10 @@ def imagenet_preprocess(variant: str) -> keras.layers.Layer:
     return PixelNormalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, name="preprocess")
 
 
-def conv_bn(x, filters: int, kernel: int, stride: int, name: str, groups: int = 1, relu=True):
+def conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
     """Bias-free convolution, BatchNorm (eps 1e-5, momentum 0.9), optional ReLU."""
     x = keras.layers.Conv2D(
-        filters, kernel, strides=stride, padding="same", groups=groups, use_bias=False,
+        filters, kernel, strides=stride, padding="same", use_bias=False,
         kernel_initializer=CONV_INIT, name=f"{name}_conv",
     )(x)
     x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}_bn")(x)
