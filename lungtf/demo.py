@@ -1,0 +1,395 @@
+"""Web demo: drop in lung tiles and see what the served model answers.
+
+``python -m lungtf.demo --target HOST:PORT [--port 7860] [--host 127.0.0.1] [--examples DIR ...]
+[--run RUN_DIR]``
+
+The page is a Gradio app and a *client* of the served model: every answer comes from the gRPC
+server (``python -m lungtf.serving`` in development, TensorFlow Serving in production) through
+``lungtf.client.LungClient``, so what a person sees is exactly what production answers. No model
+is loaded here.
+
+For each uploaded or clicked tile the page shows the three class probabilities as bars, the
+predicted class in words (``lungtf.constants.CLASS_DESCRIPTIONS``) and an "uncertain - refer to a
+pathologist" flag when the top probability is below the ``uncertainty_threshold`` stored in the
+served model's ``lungtf.json``. Errors are shown on the page, never raised into Gradio: an
+unreachable server gives one message naming the target, a file the server cannot decode gets the
+server's INVALID_ARGUMENT message next to it, and the page stays usable. The footer states the
+served version, the model's test accuracy and missed cancers with their split protocol, and that
+this is a research tool, not a diagnosis. Analytics are off, there is no share link, and the app
+binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import time
+
+import gradio as gr
+import grpc
+from PIL import Image, UnidentifiedImageError
+
+from lungtf.client import IMAGE_SUFFIXES, LungClient, LungClientError, Prediction
+from lungtf.constants import CLASS_DESCRIPTIONS, CLASS_NAMES, PROTOCOL_GROUPED
+
+UNCERTAIN = "Uncertain \u2014 refer to a pathologist"
+DISCLAIMER = (
+    "Research tool, not a diagnosis: trained on LC25000 tiles only, never validated clinically. "
+    "Every tile needs a pathologist's review."
+)
+UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+CSS = """
+.lungtf-tile {border: 1px solid #d0d0d0; border-radius: 8px; padding: 10px; margin: 8px 0;
+  display: flex; gap: 12px; align-items: flex-start;}
+.lungtf-tile img {width: 96px; height: 96px; object-fit: cover; border-radius: 4px;}
+.lungtf-body {flex: 1;}
+.lungtf-name {font-weight: 600;}
+.lungtf-bar {display: flex; align-items: center; gap: 8px; margin: 2px 0;}
+.lungtf-bar .lungtf-class {width: 190px;}
+.lungtf-track {flex: 1; background: #eee; height: 14px; border-radius: 3px;}
+.lungtf-fill {background: #4a7bd0; height: 14px; border-radius: 3px;}
+.lungtf-top .lungtf-fill {background: #1f4fa3;}
+.lungtf-prob {width: 60px; text-align: right; font-variant-numeric: tabular-nums;}
+.lungtf-flag, .lungtf-error, .lungtf-alert {color: #8a1c00; background: #fff1e6;
+  border-left: 4px solid #d9480f; padding: 4px 8px; margin: 4px 0;}
+"""
+
+
+def format_probability(p: float) -> str:
+    """A probability as the page shows it: a percentage with one decimal (``0.4127`` -> ``41.3%``)."""
+    return f"{100.0 * p:.1f}%"
+
+
+def is_uncertain(prediction: Prediction, threshold: float | None) -> bool:
+    """True when the top probability is below ``threshold`` (never when there is no threshold)."""
+    return threshold is not None and max(prediction.probabilities.values()) < threshold
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """What the page shows for one tile: its name and either a prediction or an error message."""
+
+    name: str
+    prediction: Prediction | None = None
+    error: str | None = None
+    thumbnail: str | None = None
+
+
+def thumbnail_uri(path: str | Path, size: int = 96) -> str | None:
+    """A small JPEG ``data:`` URI of an image file, or ``None`` when it cannot be decoded here."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+    except (OSError, UnidentifiedImageError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_tile(result: TileResult, threshold: float | None) -> str:
+    """HTML of one tile: bars for the three classes, the answer in words, the uncertainty flag."""
+    name = html.escape(result.name)
+    img = f'<img src="{result.thumbnail}" alt="{name}">' if result.thumbnail else ""
+    head = f'<div class="lungtf-tile" data-name="{name}">{img}<div class="lungtf-body">'
+    head += f'<div class="lungtf-name">{name}</div>'
+    if result.prediction is None:
+        return (
+            head + f'<div class="lungtf-error">{html.escape(result.error or "")}</div></div></div>'
+        )
+    pred = result.prediction
+    answer = f"<b>{CLASS_DESCRIPTIONS[pred.label]}</b> ({pred.label})"
+    lines = [head, f'<div class="lungtf-answer">Predicted: {answer}</div>']
+    if is_uncertain(pred, threshold):
+        top = max(pred.probabilities.values())
+        lines.append(
+            f'<div class="lungtf-flag">&#9888; {UNCERTAIN}: the top probability '
+            f"{format_probability(top)} is below the threshold {format_probability(threshold)}."
+            "</div>"
+        )
+    for cls in CLASS_NAMES:
+        p = pred.probabilities[cls]
+        top_class = " lungtf-top" if cls == pred.label else ""
+        lines.append(
+            f'<div class="lungtf-bar{top_class}" data-class="{cls}">'
+            f'<span class="lungtf-class">{CLASS_DESCRIPTIONS[cls]}</span>'
+            f'<div class="lungtf-track"><div class="lungtf-fill" style="width:{100 * p:.1f}%">'
+            f'</div></div><span class="lungtf-prob">{format_probability(p)}</span></div>'
+        )
+    return "".join(lines) + "</div></div>"
+
+
+def render_results(results: Sequence[TileResult], threshold: float | None, alert: str = "") -> str:
+    """The results panel: an optional page-level alert, then one block per tile."""
+    parts = [f'<div class="lungtf-alert">{html.escape(alert)}</div>'] if alert else []
+    parts += [render_tile(r, threshold) for r in results]
+    if not parts:
+        parts = ['<p class="lungtf-empty">Upload JPEG/PNG tiles or click an example.</p>']
+    return '<div class="lungtf-results">' + "".join(parts) + "</div>"
+
+
+def unreachable_message(target: str, err: LungClientError) -> str:
+    """The page-level message when the model server cannot be reached."""
+    return (
+        f"Cannot reach the model server at {target} ({err.code.name}: {err.message}). "
+        "Start it (python -m lungtf.serving serve ... or TensorFlow Serving) and try again."
+    )
+
+
+def served_version(status: dict[str, Any]) -> int | None:
+    """The newest AVAILABLE version in a ``LungClient.status()`` answer (the one that answers)."""
+    versions = [v["version"] for v in status.get("versions", []) if v.get("state") == "AVAILABLE"]
+    return max(versions) if versions else None
+
+
+def footer_text(
+    metadata: dict[str, Any] | None, version: int | None, target: str, error: str = ""
+) -> str:
+    """Markdown footer: served version, grouped-split test metrics, protocol and the disclaimer."""
+    if metadata is None:
+        return f"**Model:** unknown ({error or f'no answer from {target}'}).\n\n**{DISCLAIMER}**"
+    ident = f"`{metadata.get('backbone', 'lungtf')}`"
+    if metadata.get("variant"):
+        ident += f" ({metadata['variant']})"
+    served = version if version is not None else "unknown"
+    parts = [f"**Model:** {ident} version {served}, served at `{target}`"]
+    protocol = metadata.get("split_protocol", "unknown")
+    test = metadata.get("test_metrics") or {}
+    if "accuracy" in test:
+        parts.append(
+            f"**Test accuracy:** {format_probability(float(test['accuracy']))} on "
+            f"{test.get('n', '?')} held-out tiles, **missed cancers:** "
+            f"{test.get('missed_cancers', '?')} (cancer tiles called benign)"
+        )
+    else:
+        parts.append("**Test metrics:** not recorded in this model's lungtf.json")
+    if protocol == PROTOCOL_GROUPED:
+        parts.append(
+            "**Split protocol:** grouped (rotated/flipped copies of a source tile never "
+            "cross splits, so the test tiles are unseen)"
+        )
+    else:
+        parts.append(
+            f"**Split protocol:** {protocol} (near-duplicate tiles may cross splits, so "
+            "the test accuracy is inflated)"
+        )
+    threshold = metadata.get("uncertainty_threshold")
+    if threshold is not None:
+        parts.append(
+            f"tiles whose top probability is below {format_probability(threshold)} "
+            "(chosen on the validation split) are flagged uncertain"
+        )
+    return " \u00b7 ".join(parts) + f"\n\n**{DISCLAIMER}**"
+
+
+def find_examples(
+    folders: Sequence[str | Path] = (), run_dir: str | Path | None = None, per_source: int = 6
+) -> list[tuple[str, str]]:
+    """Example tiles as ``(absolute path, caption)``: from image folders and a run's test split.
+
+    Args:
+        folders: folders of JPEG/PNG tiles (searched recursively); the first ``per_source`` of
+            each, in sorted order, captioned with the folder name.
+        run_dir: a training run directory; tiles of its ``splits.csv`` with ``split == test``,
+            alternating between classes, captioned ``test: <class>``. Relative paths resolve
+            against the run directory.
+        per_source: the most examples taken from each folder and from the run.
+
+    Raises:
+        FileNotFoundError: a folder, run directory or its ``splits.csv`` does not exist.
+    """
+    out: list[tuple[str, str]] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--examples folder not found: {folder}")
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        out += [(str(p.resolve()), folder.name) for p in images[:per_source]]
+    if run_dir is not None:
+        manifest = Path(run_dir) / "splits.csv"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"--run needs a run directory with splits.csv; got {run_dir}")
+        by_class: dict[str, list[Path]] = {}
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("split") == "test":
+                    path = Path(row["path"])
+                    path = path if path.is_absolute() else manifest.parent / path
+                    by_class.setdefault(row["label"], []).append(path)
+        queues = [sorted(paths) for _, paths in sorted(by_class.items())]
+        picked: list[tuple[str, str]] = []
+        for i in range(max(map(len, queues), default=0)):
+            picked += [
+                (str(q[i].resolve()), f"test: {q[i].parent.name}") for q in queues if i < len(q)
+            ]
+        out += picked[:per_source]
+    return out
+
+
+class DemoBackend:
+    """Turns files into page content by asking the served model (one ``LungClient``)."""
+
+    def __init__(self, target: str, timeout: float = 10.0) -> None:
+        self.target = target
+        self.client = LungClient(target, timeout=timeout, retries=1)
+
+    def model_info(self) -> tuple[dict[str, Any] | None, int | None, str]:
+        """``(metadata, served version, error message)``; metadata is ``None`` on an error."""
+        try:
+            return self.client.metadata(), served_version(self.client.status()), ""
+        except LungClientError as err:
+            if err.code in UNREACHABLE_CODES:
+                return None, None, unreachable_message(self.target, err)
+            return None, None, f"the server at {self.target} answered {err}"
+
+    def footer(self) -> str:
+        """The footer for the served model as it is now."""
+        metadata, version, error = self.model_info()
+        return footer_text(metadata, version, self.target, error)
+
+    def classify(self, paths: Sequence[str], names: Sequence[str] | None = None) -> tuple[str, str]:
+        """``(results HTML, footer markdown)`` for image files, one Predict call per file.
+
+        One call per file lets a file the server cannot decode get its own INVALID_ARGUMENT
+        message while the others still get answers. An unreachable server stops the loop and
+        gives one page-level message naming the target and the tiles left unanswered.
+        """
+        names = list(names) if names is not None else [Path(p).name for p in paths]
+        metadata, version, problem = self.model_info()
+        threshold = None if metadata is None else metadata.get("uncertainty_threshold")
+        results: list[TileResult] = []
+        for path, name in zip(paths, names):
+            if problem:
+                break
+            try:
+                results.append(
+                    TileResult(name, self.client.predict([path])[0], None, thumbnail_uri(path))
+                )
+            except LungClientError as err:
+                if err.code in UNREACHABLE_CODES:
+                    problem = unreachable_message(self.target, err)
+                    break
+                reason = f"The server rejected this file: {err.code.name}: {err.message}"
+                results.append(TileResult(name, error=reason, thumbnail=thumbnail_uri(path)))
+            except OSError as err:
+                results.append(TileResult(name, error=f"Could not read this file: {err}"))
+        alert = f"{problem} Not classified: {', '.join(names[len(results) :])}." if problem else ""
+        footer = footer_text(metadata, version, self.target, problem)
+        return render_results(results, threshold, alert), footer
+
+
+def build_app(backend: DemoBackend, examples: Sequence[tuple[str, str]] = ()) -> Any:
+    """The Gradio page: upload box, example gallery, results panel and footer.
+
+    The footer is refreshed on every page load and with every answer, so it follows hot-swapped
+    model versions and a server that comes back.
+    """
+    example_paths = [path for path, _ in examples]
+    with gr.Blocks(title="lungtf: lung tile classifier", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# Lung histopathology tile classifier\n"
+            "Upload one or several lung tiles (JPEG/PNG) or click an example. Every answer comes "
+            f"from the model served at `{backend.target}`."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(
+                    label="Tiles",
+                    file_count="multiple",
+                    file_types=list(IMAGE_SUFFIXES),
+                    elem_id="lungtf-upload",
+                )
+                gallery = gr.Gallery(
+                    value=list(examples),
+                    label="Examples (click one)",
+                    columns=3,
+                    height="auto",
+                    object_fit="cover",
+                    allow_preview=False,
+                    interactive=False,
+                    visible=bool(examples),
+                    elem_id="lungtf-examples",
+                )
+            with gr.Column(scale=2):
+                results = gr.HTML(render_results([], None), elem_id="lungtf-results")
+        footer = gr.Markdown(elem_id="lungtf-footer")
+
+        def on_files(paths: list[str] | None) -> tuple[str, str]:
+            if not paths:
+                return render_results([], None), backend.footer()
+            return backend.classify(paths)
+
+        def on_example(evt: gr.SelectData) -> tuple[str, str]:
+            return backend.classify([example_paths[evt.index]])
+
+        files.change(on_files, inputs=files, outputs=[results, footer])
+        gallery.select(on_example, outputs=[results, footer])
+        app.load(backend.footer, outputs=footer)
+    return app
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of ``python -m lungtf.demo``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lungtf.demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--target", required=True, help="gRPC HOST:PORT of the served model")
+    parser.add_argument("--host", default="127.0.0.1", help="address the page binds (loopback)")
+    parser.add_argument("--port", type=int, default=7860, help="HTTP port of the page")
+    parser.add_argument(
+        "--examples", nargs="+", default=[], metavar="DIR", help="folders of example tiles"
+    )
+    parser.add_argument("--run", help="a training run directory: examples from its test split")
+    parser.add_argument(
+        "--per-source", type=int, default=6, help="examples taken from each folder and from the run"
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per gRPC call")
+    return parser.parse_args(argv)
+
+
+def launch(
+    app: Any, host: str, port: int, examples: Sequence[tuple[str, str]], block: bool = True
+) -> Any:
+    """Serve ``app`` on ``host:port`` with no share link; example folders are the only extra
+    files the page may serve. Returns the app's local URL when ``block`` is false."""
+    allowed = sorted({str(Path(path).parent) for path, _ in examples})
+    _, url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=not block,
+        allowed_paths=allowed,
+        css=CSS,
+        ssr_mode=False,
+        quiet=True,
+        footer_links=[],
+    )
+    return url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo until interrupted; returns the exit code (2 on bad example sources)."""
+    args = parse_args(argv)
+    try:
+        examples = find_examples(args.examples, args.run, args.per_source)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    backend = DemoBackend(args.target, timeout=args.timeout)
+    print(f"demo on http://{args.host}:{args.port} asking the model at {args.target}", flush=True)
+    launch(build_app(backend, examples), args.host, args.port, examples)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

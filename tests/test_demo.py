@@ -1,0 +1,383 @@
+"""lungtf.demo: page content from real predictions, example discovery, and the page itself in
+headless Chromium against a live dev server serving a tiny exported model."""
+
+from __future__ import annotations
+
+import csv
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import write_tile
+from PIL import Image
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+from lungtf import demo, export
+from lungtf.client import LungClient, LungClientError, Prediction
+from lungtf.config import ModelConfig
+from lungtf.constants import CLASS_NAMES
+from lungtf.models import build_model
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+METADATA = {
+    "backbone": "resnet34",
+    "split_protocol": "grouped",
+    "uncertainty_threshold": 0.99,
+    "test_metrics": {
+        "accuracy": 0.953,
+        "loss": 0.21,
+        "missed_cancers": 3,
+        "benign_called_cancer": 2,
+        "n": 602,
+    },
+}
+
+
+def prediction(probs: tuple[float, float, float]) -> Prediction:
+    best = max(range(3), key=lambda i: probs[i])
+    return Prediction(CLASS_NAMES[best], best, dict(zip(CLASS_NAMES, probs)))
+
+
+def test_tile_shows_words_bars_and_uncertainty_flag() -> None:
+    confident = prediction((0.05, 0.12, 0.83))
+    assert demo.format_probability(0.8349) == "83.5%"
+    assert not demo.is_uncertain(confident, 0.6)
+    assert demo.is_uncertain(confident, 0.9)
+    assert not demo.is_uncertain(confident, None)
+    page = demo.render_results([demo.TileResult("a.png", confident)], 0.6)
+    assert "squamous cell carcinoma</b> (lung_scc)" in page
+    assert [f"{p}%" for p in ("5.0", "12.0", "83.0")] == [
+        part.split("</span>")[0] for part in page.split('class="lungtf-prob">')[1:]
+    ]
+    assert demo.UNCERTAIN not in page
+    flagged = demo.render_tile(demo.TileResult("a.png", prediction((0.41, 0.2, 0.39))), 0.6)
+    assert demo.UNCERTAIN in flagged and "41.0% is below the threshold 60.0%" in flagged
+
+
+def test_errors_and_names_are_escaped_and_shown() -> None:
+    bad = demo.TileResult("<x>.png", error="INVALID_ARGUMENT: cannot decode <image>")
+    page = demo.render_results([bad], 0.5, alert="Cannot reach the model server at h:1")
+    assert "&lt;x&gt;.png" in page and "<x>" not in page
+    assert "cannot decode &lt;image&gt;" in page
+    assert page.index("lungtf-alert") < page.index("lungtf-tile")
+    assert "click an example" in demo.render_results([], None)
+
+
+def test_footer_states_version_metrics_protocol_and_disclaimer() -> None:
+    text = demo.footer_text(dict(METADATA, backbone="resnet34"), 4, "127.0.0.1:8500")
+    for part in (
+        "`resnet34` version 4",
+        "95.3%",
+        "602 held-out",
+        "missed cancers:** 3",
+        "grouped",
+        "99.0%",
+        demo.DISCLAIMER,
+    ):
+        assert part in text
+    leaky = demo.footer_text({"split_protocol": "random (leaky)"}, None, "h:1")
+    assert "inflated" in leaky and "version unknown" in leaky and "not recorded" in leaky
+    down = demo.footer_text(None, None, "h:1", "Cannot reach the model server at h:1")
+    assert "Cannot reach the model server at h:1" in down and demo.DISCLAIMER in down
+
+
+def test_served_version_is_newest_available() -> None:
+    status = {
+        "versions": [
+            {"version": 3, "state": "AVAILABLE"},
+            {"version": 5, "state": "LOADING"},
+            {"version": 2, "state": "AVAILABLE"},
+        ]
+    }
+    assert demo.served_version(status) == 3
+    assert demo.served_version({"versions": []}) is None
+
+
+def test_examples_from_folders_and_run_test_split(tiny_folder: Path, tmp_path: Path) -> None:
+    found = demo.find_examples([tiny_folder / "lung_n"], per_source=3)
+    assert [caption for _, caption in found] == ["lung_n"] * 3
+    assert all(Path(p).is_absolute() and Path(p).parent.name == "lung_n" for p, _ in found)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "splits.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "group", "split", "protocol"])
+        for c, name in enumerate(CLASS_NAMES):
+            for i in range(4):
+                split = "test" if i < 2 else "train"
+                path = tiny_folder / name / f"{name}{i}.jpeg"
+                rel = Path("..") / path.relative_to(tmp_path) if c == 0 else path
+                writer.writerow([rel, name, f"g{c}{i}", split, "grouped"])
+    picked = demo.find_examples(run_dir=run, per_source=4)
+    assert [c for _, c in picked] == [f"test: {n}" for n in (*CLASS_NAMES, "lung_aca")]
+    assert picked[0][0] == str((tiny_folder / "lung_aca" / "lung_aca0.jpeg").resolve())
+    assert picked[3][0].endswith("lung_aca1.jpeg")
+    with pytest.raises(FileNotFoundError, match="splits.csv"):
+        demo.find_examples(run_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        demo.find_examples([tmp_path / "nowhere"])
+
+
+def test_command_line_defaults_and_bad_examples(tmp_path: Path, capsys) -> None:
+    args = demo.parse_args(["--target", "127.0.0.1:9"])
+    assert (args.host, args.port, args.examples, args.run) == ("127.0.0.1", 7860, [], None)
+    assert demo.main(["--target", "127.0.0.1:9", "--examples", str(tmp_path / "none")]) == 2
+    assert "--examples folder not found" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(base: Path, log_path: Path) -> subprocess.Popen:
+    """Start the dev server on a free loopback port; it polls ``base`` until a version appears."""
+    base.mkdir(parents=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lungtf.serving",
+                "serve",
+                "--model-base-path",
+                str(base),
+                "--port",
+                "0",
+                "--poll-seconds",
+                "0.3",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+
+
+def wait_served(proc: subprocess.Popen, log_path: Path, timeout: float = 240.0) -> str:
+    """Read the server's ``listening on HOST:PORT`` line, then wait for an AVAILABLE version."""
+    deadline = time.monotonic() + timeout
+    target = ""
+    while not target and time.monotonic() < deadline and proc.poll() is None:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        line = proc.stdout.readline().decode() if ready else ""
+        target = line.split()[-1] if line.startswith("listening on ") else ""
+    client = LungClient(target or "127.0.0.1:1", timeout=5, retries=0)
+    while target and time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if demo.served_version(client.status()) is not None:
+                client.close()
+                return target
+        except LungClientError:
+            pass
+        time.sleep(0.3)
+    client.close()
+    proc.kill()
+    pytest.fail(f"dev server did not serve a version; log:\n{log_path.read_text()[-3000:]}")
+
+
+def unsaturated_model(tiles: list[Path], size: int = 32) -> keras.Model:
+    """``build_model`` resnet34 (random weights, 32 px) with its ``logits`` kernel scaled so that
+    the logits on ``tiles`` have standard deviation 2: an untrained resnet answers 1.0/0.0/0.0,
+    which would make comparing displayed probabilities trivial."""
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(backbone="resnet34", weights="none", image_size=size))
+    pixels = np.stack(
+        [np.asarray(Image.open(p).convert("RGB").resize((size, size)), "float32") for p in tiles]
+    )
+    logits = model.get_layer("logits")
+    kernel, bias = logits.get_weights()
+    spread = float(np.std(keras.Model(model.input, logits.output)(pixels)))
+    logits.set_weights([kernel * 2.0 / spread, bias])
+    return model
+
+
+@pytest.fixture(scope="module")
+def live(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[dict]:
+    """A tiny resnet34 exported and served by the dev server, the demo page in this process,
+    and a tile to upload (a real LC25000 tile when the shared data is there).
+
+    The server starts first and imports TensorFlow while the model is built and exported.
+    """
+    root = tmp_path_factory.mktemp("demo")
+    proc = start_server(root / "lungtf", root / "server.log")
+    try:
+        shared = request.getfixturevalue("shared_data")
+        tile = shared / "lung_aca" / "lungaca1.jpeg"
+        example_dir = shared / "lung_n"
+    except pytest.skip.Exception:
+        tile = write_tile(root / "upload" / "tile.jpeg", seed=1, size=64)
+        example_dir = root / "lung_n"
+        for i in range(3):
+            write_tile(example_dir / f"n{i}.png", seed=10 + i, size=64, cls=1)
+    examples = demo.find_examples([example_dir], per_source=4)
+    tiles = [tile, *(Path(path) for path, _ in examples)]
+    export.export_model(unsaturated_model(tiles), root / "lungtf", dict(METADATA))
+    target = wait_served(proc, root / "server.log")
+    backend = demo.DemoBackend(target)
+    app = demo.build_app(backend, examples)
+    url = demo.launch(app, "127.0.0.1", free_port(), examples, block=False)
+    yield {
+        "proc": proc,
+        "target": target,
+        "url": url,
+        "tile": tile,
+        "backend": backend,
+        "examples": examples,
+        "root": root,
+    }
+    app.close()
+    backend.client.close()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def test_backend_answers_good_tiles_and_names_undecodable_ones(live: dict) -> None:
+    bad = live["root"] / "broken.jpeg"
+    bad.write_bytes(b"not an image at all")
+    page, footer = live["backend"].classify([str(live["tile"]), str(bad)])
+    direct = LungClient(live["target"]).predict([live["tile"]])[0]
+    assert f"({direct.label})" in page and demo.UNCERTAIN in page
+    broken = page[page.index('data-name="broken.jpeg"') :]
+    assert "The server rejected this file: INVALID_ARGUMENT" in broken
+    assert "lungtf-prob" not in broken
+    assert "version 1" in footer and "95.3%" in footer
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    """Headless Debian Chromium through chromedriver, with a fresh profile; skips without them."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            f"no browser: needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium "
+            "chromium-driver)"
+        )
+    profile = Path(tempfile.mkdtemp(prefix="lungtf-chromium-"))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_until(driver: webdriver.Chrome, condition, what: str, artifacts: Path, timeout=60.0):
+    """Wait for ``condition``; on a time-out save ``demo_timeout.png`` and fail with the page text."""
+    try:
+        return WebDriverWait(driver, timeout).until(condition)
+    except TimeoutException:
+        driver.save_screenshot(str(artifacts / "demo_timeout.png"))
+        body = driver.find_element(By.TAG_NAME, "body").text[-2000:]
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; page text:\n{body}")
+
+
+def open_page(driver: webdriver.Chrome, url: str, artifacts: Path) -> None:
+    """Load the page and wait until its load event has filled the footer (the app is live)."""
+    driver.get(url)
+    wait_until(
+        driver,
+        ec.text_to_be_present_in_element((By.ID, "lungtf-footer"), "not a diagnosis"),
+        "the footer",
+        artifacts,
+    )
+    wait_until(
+        driver,
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "#lungtf-examples img")),
+        "the example gallery",
+        artifacts,
+    )
+
+
+def shown_probabilities(driver: webdriver.Chrome, name: str, artifacts: Path) -> dict[str, str]:
+    """Wait for the result block of tile ``name``; its displayed probability per class."""
+    css = f'#lungtf-results [data-name="{name}"] .lungtf-prob'
+    wait_until(driver, ec.presence_of_element_located((By.CSS_SELECTOR, css)), name, artifacts)
+    tile = driver.find_element(By.CSS_SELECTOR, f'#lungtf-results [data-name="{name}"]')
+    return {
+        bar.get_attribute("data-class"): bar.find_element(By.CLASS_NAME, "lungtf-prob").text
+        for bar in tile.find_elements(By.CLASS_NAME, "lungtf-bar")
+    }
+
+
+def direct_probabilities(target: str, path: str | Path) -> tuple[Prediction, dict[str, str]]:
+    """A direct gRPC call for ``path``, and its probabilities as the page formats them."""
+    client = LungClient(target)
+    pred = client.predict([path])[0]
+    client.close()
+    return pred, {c: demo.format_probability(p) for c, p in pred.probabilities.items()}
+
+
+def upload(driver: webdriver.Chrome, path: Path) -> None:
+    driver.find_element(By.CSS_SELECTOR, "#lungtf-upload input[type=file]").send_keys(str(path))
+
+
+def test_browser_upload_matches_direct_grpc_call(live: dict, browser, artifacts_dir: Path) -> None:
+    open_page(browser, live["url"], artifacts_dir)
+    upload(browser, live["tile"])
+    name = live["tile"].name
+    shown = shown_probabilities(browser, name, artifacts_dir)
+    direct, expected = direct_probabilities(live["target"], live["tile"])
+    assert shown == expected
+    result = browser.find_element(By.CSS_SELECTOR, f'#lungtf-results [data-name="{name}"]').text
+    assert demo.CLASS_DESCRIPTIONS[direct.label] in result and demo.UNCERTAIN in result
+    footer = browser.find_element(By.ID, "lungtf-footer").text
+    for part in ("resnet34", "version 1", "95.3%", "missed cancers: 3", "grouped"):
+        assert part in footer
+    browser.save_screenshot(str(artifacts_dir / "demo_upload.png"))
+
+    browser.find_elements(By.CSS_SELECTOR, "#lungtf-examples img")[0].click()
+    example = live["examples"][0][0]
+    shown = shown_probabilities(browser, Path(example).name, artifacts_dir)
+    assert shown == direct_probabilities(live["target"], example)[1]
+
+
+def test_browser_shows_server_down_naming_target(live: dict, browser, artifacts_dir: Path) -> None:
+    live["proc"].terminate()
+    live["proc"].wait(timeout=30)
+    open_page(browser, live["url"], artifacts_dir)
+    message = f"Cannot reach the model server at {live['target']}"
+    alert = (By.CSS_SELECTOR, "#lungtf-results .lungtf-alert")
+    browser.find_elements(By.CSS_SELECTOR, "#lungtf-examples img")[-1].click()
+    wait_until(browser, ec.text_to_be_present_in_element(alert, message), message, artifacts_dir)
+    assert message in browser.find_element(By.ID, "lungtf-footer").text
+    unanswered = f"Not classified: {Path(live['examples'][-1][0]).name}."
+    assert unanswered in browser.find_element(*alert).text
+    browser.save_screenshot(str(artifacts_dir / "demo_server_down.png"))
+    # the page stays usable: an upload after the error gets its own answer naming that file
+    upload(browser, live["tile"])
+    unanswered = f"Not classified: {live['tile'].name}."
+    wait_until(
+        browser, ec.text_to_be_present_in_element(alert, unanswered), unanswered, artifacts_dir
+    )
