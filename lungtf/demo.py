@@ -193,18 +193,28 @@ def footer_text(
     return " \u00b7 ".join(parts) + f"\n\n**{DISCLAIMER}**"
 
 
+def interleave(groups: dict[str, list[Path]], prefix: str, limit: int) -> list[tuple[str, str]]:
+    """Up to ``limit`` ``(absolute path, prefix + group)`` pairs, one tile of each group in turn
+    (groups and tiles sorted), so every class appears among the first examples."""
+    queues = [(name, sorted(paths)) for name, paths in sorted(groups.items())]
+    picked: list[tuple[str, str]] = []
+    for i in range(max((len(q) for _, q in queues), default=0)):
+        picked += [(str(q[i].resolve()), prefix + name) for name, q in queues if i < len(q)]
+    return picked[:limit]
+
+
 def find_examples(
     folders: Sequence[str | Path] = (), run_dir: str | Path | None = None, per_source: int = 6
 ) -> list[tuple[str, str]]:
     """Example tiles as ``(absolute path, caption)``: from image folders and a run's test split.
 
     Args:
-        folders: folders of JPEG/PNG tiles (searched recursively); the first ``per_source`` of
-            each, in sorted order, captioned with the folder name.
+        folders: folders of JPEG/PNG tiles, searched recursively (a class folder, or a root with
+            one sub-folder per class); captioned with the folder that holds each tile.
         run_dir: a training run directory; tiles of its ``splits.csv`` with ``split == test``,
-            alternating between classes, captioned ``test: <class>``. Relative paths resolve
-            against the run directory.
-        per_source: the most examples taken from each folder and from the run.
+            captioned ``test: <label>``. Relative paths resolve against the run directory.
+        per_source: the most examples taken from each folder and from the run, alternating
+            between sub-folders or classes.
 
     Raises:
         FileNotFoundError: a folder, run directory or its ``splits.csv`` does not exist.
@@ -213,26 +223,23 @@ def find_examples(
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise FileNotFoundError(f"--examples folder not found: {folder}")
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        out += [(str(p.resolve()), folder.name) for p in images[:per_source]]
+        by_folder: dict[str, list[Path]] = {}
+        for path in folder.rglob("*"):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                by_folder.setdefault(path.parent.name, []).append(path)
+        out += interleave(by_folder, "", per_source)
     if run_dir is not None:
         manifest = Path(run_dir) / "splits.csv"
         if not manifest.is_file():
             raise FileNotFoundError(f"--run needs a run directory with splits.csv; got {run_dir}")
-        by_class: dict[str, list[Path]] = {}
+        by_label: dict[str, list[Path]] = {}
         with open(manifest, newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 if row.get("split") == "test":
                     path = Path(row["path"])
                     path = path if path.is_absolute() else manifest.parent / path
-                    by_class.setdefault(row["label"], []).append(path)
-        queues = [sorted(paths) for _, paths in sorted(by_class.items())]
-        picked: list[tuple[str, str]] = []
-        for i in range(max(map(len, queues), default=0)):
-            picked += [
-                (str(q[i].resolve()), f"test: {q[i].parent.name}") for q in queues if i < len(q)
-            ]
-        out += picked[:per_source]
+                    by_label.setdefault(row["label"], []).append(path)
+        out += interleave(by_label, "test: ", per_source)
     return out
 
 

@@ -112,6 +112,8 @@ def test_examples_from_folders_and_run_test_split(tiny_folder: Path, tmp_path: P
     found = demo.find_examples([tiny_folder / "lung_n"], per_source=3)
     assert [caption for _, caption in found] == ["lung_n"] * 3
     assert all(Path(p).is_absolute() and Path(p).parent.name == "lung_n" for p, _ in found)
+    root = demo.find_examples([tiny_folder], per_source=4)
+    assert [caption for _, caption in root] == [*CLASS_NAMES, "lung_aca"]
     run = tmp_path / "run"
     run.mkdir()
     with open(run / "splits.csv", "w", newline="") as fh:
