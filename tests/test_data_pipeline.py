@@ -76,11 +76,12 @@ def test_squish_resize_keeps_the_whole_non_square_image(tmp_path: Path):
     wide[:, :40, 0] = 255  # left half red
     wide[:, 40:, 2] = 255  # right half blue
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    (x, _), = make_dataset([Record(str(tmp_path / "wide.png"), "lung_n")], 32, 1, False)
-    image = x.numpy()[0]
-    assert image.shape == (32, 32, 3)
-    assert np.all(image[:, :15, 0] == 255) and np.all(image[:, :15, 2] == 0)  # nothing cropped
-    assert np.all(image[:, 17:, 2] == 255) and np.all(image[:, 17:, 0] == 0)
+    for size in (32, 96):  # shrink (area average) and enlarge (bilinear)
+        (x, _), = make_dataset([Record(str(tmp_path / "wide.png"), "lung_n")], size, 1, False)
+        image, half = x.numpy()[0], size // 2
+        assert image.shape == (size, size, 3)
+        assert np.all(image[:, : half - 2, 0] == 255) and np.all(image[:, : half - 2, 2] == 0)
+        assert np.all(image[:, half + 2 :, 2] == 255) and np.all(image[:, half + 2 :, 0] == 0)
 
 
 def test_gray_and_alpha_become_rgb(tmp_path: Path):
@@ -169,6 +170,17 @@ def test_augmenter_config_round_trip():
     assert [type(layer) for layer in restored.layers] == [type(layer) for layer in augmenter.layers]
     assert restored.get_layer("flip_rotate").max_degrees == 7.0
     assert restored.get_layer("hed_jitter").get_config()["seed"] == 12
+
+
+def test_augmenter_inside_a_model():
+    """The same layers run inside a model (augmenting on the accelerator): identity at inference."""
+    augmenter = build_augmenter(AUGMENTATIONS, seed=2)
+    pixels = keras.Input((32, 32, 3))
+    model = keras.Model(pixels, augmenter(pixels))
+    batch = _batch(4)
+    assert np.array_equal(keras.ops.convert_to_numpy(model(batch, training=False)), batch)
+    out = keras.ops.convert_to_numpy(model(batch, training=True))
+    assert out.shape == batch.shape and not np.allclose(out, batch)
 
 
 def test_build_augmenter_names():

@@ -7,9 +7,11 @@ a cache or shuffle buffer holds a quarter of the float32 bytes; batches are cast
 skipped with a warning, never stopping the epoch.
 
 Augmentation runs on whole batches, after batching, with Keras 3 layers built from
-``keras.ops``, so the same layers run on an accelerator when the caller moves them into a model.
-Randomness comes from Keras seed generators: the augmentation map is sequential, which keeps
-a run deterministic given ``seed`` (the heavy ops are themselves multi-threaded).
+``keras.ops``, so the same layers run on an accelerator when the caller moves them into a model;
+in the pipeline they are compiled with XLA. Randomness comes from Keras seed generators, whose
+state must advance in a fixed order, so the augmentation map is sequential: a run is
+deterministic given ``seed`` (XLA draws other random numbers than eager mode, but the same ones
+on every run).
 """
 
 from __future__ import annotations
@@ -35,16 +37,23 @@ def decode_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     """Decode one JPEG/PNG to RGB and squish-resize it to ``image_size`` square (no crop).
 
     Returns:
-        ``uint8 [image_size, image_size, 3]``; antialiased bilinear resize, rounded (skipped when
-        the image already has that size).
+        ``uint8 [image_size, image_size, 3]``, rounded. Shrinking averages pixel areas (a box
+        filter, about twice as fast as antialiased bilinear at the same quality); any other
+        change of size is antialiased bilinear; an image already at size is left as it is.
     """
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    size = (image_size, image_size)
+    height_width = tf.shape(image)[:2]
 
     def resize() -> tf.Tensor:
-        resized = tf.image.resize(image, (image_size, image_size), antialias=True)
+        resized = tf.cond(
+            tf.reduce_all(height_width >= image_size),
+            lambda: tf.image.resize(image, size, method="area"),
+            lambda: tf.image.resize(image, size, antialias=True),
+        )
         return tf.saturate_cast(tf.round(resized), tf.uint8)
 
-    same = tf.reduce_all(tf.shape(image)[:2] == image_size)  # tiles already at size: no resample
+    same = tf.reduce_all(height_width == image_size)
     return tf.ensure_shape(tf.cond(same, lambda: image, resize), (image_size, image_size, 3))
 
 
