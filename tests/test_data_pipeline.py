@@ -205,7 +205,8 @@ def test_show_batch_writes_a_png(tiny_folder: Path, tmp_path: Path, artifacts_di
     show_batch(x, y, out, ncols=6)
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
-    show_batch(x[:3], [CLASS_NAMES[i] for i in y[:3].numpy()], artifacts_dir / "show_batch.png")
+    names = tf.constant([CLASS_NAMES[i] for i in y[:3].numpy()])  # a string tensor gives bytes
+    show_batch(x[:3], names, artifacts_dir / "show_batch.png")
     with pytest.raises(ValueError, match="3 images but 2 labels"):
         show_batch(x[:3], y[:2], out)
 

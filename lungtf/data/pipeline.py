@@ -318,7 +318,8 @@ def show_batch(
 
     Args:
         images: ``[B, H, W, 3]`` pixels in 0..255 (tensor or array).
-        labels: ``[B]`` class ids (indices into ``class_names``) or label strings.
+        labels: ``[B]`` class ids (indices into ``class_names``) or label strings (str or bytes,
+            as a string tensor gives them).
         path: the PNG to write.
         class_names: names for integer labels.
         ncols: tiles per row (fewer when the batch is smaller).
@@ -327,7 +328,10 @@ def show_batch(
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state, works headless
 
     pixels = np.clip(np.asarray(images, np.float32), 0, 255).astype(np.uint8)
-    names = [x if isinstance(x, str) else class_names[int(x)] for x in np.asarray(labels).tolist()]
+    names = [
+        x.decode() if isinstance(x, bytes) else x if isinstance(x, str) else class_names[int(x)]
+        for x in np.asarray(labels).tolist()
+    ]
     if len(names) != len(pixels):
         raise ValueError(f"got {len(pixels)} images but {len(names)} labels; they must match")
     ncols = max(1, min(ncols, len(pixels)))
