@@ -37,7 +37,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import tim
 
 import gradio as gr
 import grpc
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from lungtf.client import IMAGE_SUFFIXES, LungClient, LungClientError, Prediction
 from lungtf.constants import CLASS_DESCRIPTIONS, CLASS_NAMES, PROTOCOL_GROUPED
@@ -93,7 +93,7 @@ def thumbnail_uri(path: str | Path, size: int = 96) -> str | None:
             img.thumbnail((size, size))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=85)
-    except (OSError, UnidentifiedImageError):
+    except (OSError, Image.DecompressionBombError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -190,6 +190,8 @@ def footer_text(
             f"tiles whose top probability is below {format_probability(threshold)} "
             "(chosen on the validation split) are flagged uncertain"
         )
+    else:
+        parts.append("no uncertainty threshold in this model's lungtf.json: no tile is flagged")
     return " \u00b7 ".join(parts) + f"\n\n**{DISCLAIMER}**"
 
 
@@ -264,14 +266,14 @@ class DemoBackend:
         metadata, version, error = self.model_info()
         return footer_text(metadata, version, self.target, error)
 
-    def classify(self, paths: Sequence[str], names: Sequence[str] | None = None) -> tuple[str, str]:
+    def classify(self, paths: Sequence[str]) -> tuple[str, str]:
         """``(results HTML, footer markdown)`` for image files, one Predict call per file.
 
         One call per file lets a file the server cannot decode get its own INVALID_ARGUMENT
         message while the others still get answers. An unreachable server stops the loop and
         gives one page-level message naming the target and the tiles left unanswered.
         """
-        names = list(names) if names is not None else [Path(p).name for p in paths]
+        names = [Path(p).name for p in paths]
         metadata, version, problem = self.model_info()
         threshold = None if metadata is None else metadata.get("uncertainty_threshold")
         results: list[TileResult] = []
@@ -366,9 +368,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def launch(
     app: Any, host: str, port: int, examples: Sequence[tuple[str, str]], block: bool = True
-) -> Any:
-    """Serve ``app`` on ``host:port`` with no share link; example folders are the only extra
-    files the page may serve. Returns the app's local URL when ``block`` is false."""
+) -> str:
+    """Serve ``app`` on ``host:port`` with no share link and uploads of at most 25 MB; example
+    folders are the only extra files the page may serve. Returns the page's local URL (at once
+    when ``block`` is false, after the server stops otherwise)."""
     allowed = sorted({str(Path(path).parent) for path, _ in examples})
     _, url, _ = app.launch(
         server_name=host,
@@ -380,6 +383,7 @@ def launch(
         ssr_mode=False,
         quiet=True,
         footer_links=[],
+        max_file_size="25mb",
     )
     return url
 

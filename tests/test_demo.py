@@ -92,6 +92,7 @@ def test_footer_states_version_metrics_protocol_and_disclaimer() -> None:
         assert part in text
     leaky = demo.footer_text({"split_protocol": "random (leaky)"}, None, "h:1")
     assert "inflated" in leaky and "version unknown" in leaky and "not recorded" in leaky
+    assert "no tile is flagged" in leaky
     down = demo.footer_text(None, None, "h:1", "Cannot reach the model server at h:1")
     assert "Cannot reach the model server at h:1" in down and demo.DISCLAIMER in down
 
@@ -235,6 +236,8 @@ def live(
     backend = demo.DemoBackend(target)
     app = demo.build_app(backend, examples)
     url = demo.launch(app, "127.0.0.1", free_port(), examples, block=False)
+    broken = root / "broken.jpeg"
+    broken.write_bytes(b"not an image at all")
     yield {
         "proc": proc,
         "target": target,
@@ -242,7 +245,7 @@ def live(
         "tile": tile,
         "backend": backend,
         "examples": examples,
-        "root": root,
+        "broken": broken,
     }
     app.close()
     backend.client.close()
@@ -252,9 +255,7 @@ def live(
 
 
 def test_backend_answers_good_tiles_and_names_undecodable_ones(live: dict) -> None:
-    bad = live["root"] / "broken.jpeg"
-    bad.write_bytes(b"not an image at all")
-    page, footer = live["backend"].classify([str(live["tile"]), str(bad)])
+    page, footer = live["backend"].classify([str(live["tile"]), str(live["broken"])])
     direct = LungClient(live["target"]).predict([live["tile"]])[0]
     assert f"({direct.label})" in page and demo.UNCERTAIN in page
     broken = page[page.index('data-name="broken.jpeg"') :]
@@ -341,15 +342,19 @@ def direct_probabilities(target: str, path: str | Path) -> tuple[Prediction, dic
     return pred, {c: demo.format_probability(p) for c, p in pred.probabilities.items()}
 
 
-def upload(driver: webdriver.Chrome, path: Path) -> None:
-    driver.find_element(By.CSS_SELECTOR, "#lungtf-upload input[type=file]").send_keys(str(path))
+def upload(driver: webdriver.Chrome, *paths: Path) -> None:
+    """Put files in the upload box, as a person choosing several files at once."""
+    box = driver.find_element(By.CSS_SELECTOR, "#lungtf-upload input[type=file]")
+    box.send_keys("\n".join(map(str, paths)))
 
 
 def test_browser_upload_matches_direct_grpc_call(live: dict, browser, artifacts_dir: Path) -> None:
     open_page(browser, live["url"], artifacts_dir)
-    upload(browser, live["tile"])
+    upload(browser, live["tile"], live["broken"])
     name = live["tile"].name
     shown = shown_probabilities(browser, name, artifacts_dir)
+    broken = browser.find_element(By.CSS_SELECTOR, '#lungtf-results [data-name="broken.jpeg"]')
+    assert "The server rejected this file: INVALID_ARGUMENT" in broken.text
     direct, expected = direct_probabilities(live["target"], live["tile"])
     assert shown == expected
     result = browser.find_element(By.CSS_SELECTOR, f'#lungtf-results [data-name="{name}"]').text
