@@ -4,6 +4,7 @@ headless Chromium against a live dev server serving a tiny exported model."""
 from __future__ import annotations
 
 import csv
+import os
 import select
 import shutil
 import socket
@@ -246,6 +247,7 @@ def live(
         "backend": backend,
         "examples": examples,
         "broken": broken,
+        "app": app,
     }
     app.close()
     backend.client.close()
@@ -262,6 +264,9 @@ def test_backend_answers_good_tiles_and_names_undecodable_ones(live: dict) -> No
     assert "The server rejected this file: INVALID_ARGUMENT" in broken
     assert "lungtf-prob" not in broken
     assert "version 1" in footer and "95.3%" in footer
+    app = live["app"]
+    assert (app.analytics_enabled, app.share, app.server_name) == (False, False, "127.0.0.1")
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 
 @pytest.fixture(scope="module")
