@@ -19,8 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lungtf.constants import (CLASS_NAMES, PROTOCOL_GROUPED, PROTOCOL_RANDOM, SPLIT_NAMES,
-                              SPLIT_PROTOCOLS)
+from lungtf.constants import (
+    CLASS_NAMES,
+    PROTOCOL_GROUPED,
+    PROTOCOL_RANDOM,
+    SPLIT_NAMES,
+    SPLIT_PROTOCOLS,
+)
 from lungtf.data import grouping, ingest
 from lungtf.data.ingest import Record
 
@@ -52,10 +57,7 @@ def make_split(
     Raises:
         ValueError: bad ratios, or (grouped) records without a group.
     """
-    ratios = tuple(float(r) for r in ratios)
-    if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6 or ratios[0] == 0:
-        raise ValueError(f"ratios must be three non-negative fractions summing to 1 with a "
-                         f"non-zero train part; got {ratios}")
+    ratios = _check_ratios(ratios)
     missing = [r.path for r in records if r.group is None]
     if missing and not random:
         raise ValueError(f"{len(missing)} records have no group (e.g. {missing[0]}); give groups, "
@@ -81,6 +83,15 @@ def make_split(
             counts[chosen] += len(members[group])
             split_of.update({i: SPLIT_NAMES[chosen] for i in members[group]})
     return [replace(r, split=split_of[i]) for i, r in enumerate(records)]
+
+
+def _check_ratios(ratios) -> tuple[float, float, float]:
+    """Return ``ratios`` as floats, or raise ``ValueError`` saying what is allowed."""
+    ratios = tuple(float(r) for r in ratios)
+    if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6 or ratios[0] == 0:
+        raise ValueError(f"ratios must be three non-negative fractions summing to 1 with a "
+                         f"non-zero train part; got {ratios}")
+    return ratios
 
 
 def write_manifest(records: list[Record], path: str | os.PathLike, protocol: str) -> None:
@@ -182,8 +193,18 @@ def _read_groups(path: str, root: Path) -> dict[str, str]:
     return {str((root / row["path"].strip()).resolve()): row["group"].strip() for row in rows}
 
 
+def _ratios(text: str) -> tuple[float, ...]:
+    """Parse ``--ratios`` (``0.7,0.2,0.1``) for argparse."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"ratios must be three comma-separated fractions like 0.7,0.2,0.1; got {text!r}"
+        ) from None
+
+
 def _split_command(args: argparse.Namespace) -> int:
-    ratios = tuple(float(x) for x in args.ratios.split(","))
+    _check_ratios(args.ratios)
     records, bad = ingest.check_images(ingest.load_records(args.data))
     for b in bad:
         print(f"skipped bad file {b.path}: {b.reason}")
@@ -203,7 +224,7 @@ def _split_command(args: argparse.Namespace) -> int:
         found = grouping.detect_groups([r.path for r in records], [r.label for r in records])
         records = [replace(r, group=g) for r, g in zip(records, found)]
     protocol = PROTOCOL_RANDOM if args.random else PROTOCOL_GROUPED
-    records = make_split(records, ratios, args.seed, random=args.random)
+    records = make_split(records, args.ratios, args.seed, random=args.random)
     write_manifest(records, args.out, protocol)
     count = Counter((r.label, r.split) for r in records)
     print(f"protocol: {protocol}; {len({r.group for r in records})} groups; wrote {args.out}")
@@ -231,7 +252,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("split", help="write a stratified, grouped train/val/test manifest")
     p.add_argument("--data", required=True, help="class-folder dataset, LC25000 root or CSV")
     p.add_argument("--out", required=True, help="manifest CSV to write")
-    p.add_argument("--ratios", default="0.7,0.2,0.1", help="train,val,test fractions")
+    p.add_argument("--ratios", type=_ratios, default=(0.7, 0.2, 0.1),
+                   help="train,val,test fractions (default 0.7,0.2,0.1)")
     p.add_argument("--seed", type=int, default=42)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--groups", help="path,label,group CSV, paths relative to --data")

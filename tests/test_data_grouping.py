@@ -1,0 +1,130 @@
+"""Near-duplicate grouping on real files: synthetic rotated/flipped/cropped copies, and LC25000."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+from scipy import ndimage
+from sklearn.metrics import adjusted_rand_score
+
+from lungtf.constants import CLASS_NAMES
+from lungtf.data import grouping
+from lungtf.data.ingest import Record
+from lungtf.data.split import make_split
+
+
+def _texture(seed: int, size: int) -> Image.Image:
+    """A random smooth RGB texture with a per-seed tint (stand-in for a source tile)."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.normal(size=(size, size, 3)), (2, 2, 0))
+    noise = (noise - noise.min()) / (noise.max() - noise.min())
+    tint = rng.uniform(0.5, 1.0, 3)
+    return Image.fromarray((255 * noise * tint).astype(np.uint8))
+
+
+def _variants(src: Image.Image) -> list[Image.Image]:
+    """The source plus copies rotated (PIL, up to 25 degrees), flipped, cropped and brightened."""
+    side = src.size[0]
+    cropped = src.crop((4, 4, side - 4, side - 4)).resize(src.size, Image.BILINEAR)
+    return [
+        src,
+        src.rotate(20, Image.BILINEAR),
+        src.rotate(-25, Image.BILINEAR).transpose(Image.FLIP_LEFT_RIGHT),
+        ImageEnhance.Brightness(src.transpose(Image.FLIP_TOP_BOTTOM)).enhance(1.15),
+        cropped.transpose(Image.ROTATE_90).rotate(8, Image.BILINEAR),
+    ]
+
+
+def write_copies(folder: Path, seed: int, size: int = 96, copies: int = 5) -> list[Path]:
+    """Write ``copies`` near-duplicate JPEGs of one random source into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(_variants(_texture(seed, size))[:copies]):
+        paths.append(folder / f"src{seed}_{i}.jpeg")
+        image.save(paths[-1], quality=92)
+    return paths
+
+
+def test_copies_are_grouped_exactly(tmp_path):
+    paths, truth = [], []
+    for seed in range(4):
+        new = write_copies(tmp_path, seed)
+        paths += [str(p) for p in new]
+        truth += [seed] * len(new)
+    found = grouping.detect_groups(paths)
+    assert adjusted_rand_score(truth, found) == 1.0
+    assert len(set(found)) == 4
+
+
+def test_distinct_images_stay_apart(tmp_path):
+    paths = []
+    for seed in range(10, 16):
+        path = tmp_path / f"distinct{seed}.jpeg"
+        _texture(seed, 96).save(path, quality=92)
+        paths.append(str(path))
+    assert len(set(grouping.detect_groups(paths))) == 6
+    pairs, scores = grouping.near_duplicates(paths)
+    assert len(pairs) == 0 and len(scores) == 0
+
+
+def test_groups_never_span_labels_and_are_named_by_label(tmp_path):
+    paths = [str(p) for p in write_copies(tmp_path, seed=3, copies=4)]
+    labels = ["lung_aca", "lung_aca", "lung_n", "lung_n"]
+    found = grouping.detect_groups(paths, labels)
+    assert found[0] == found[1] and found[2] == found[3] and found[0] != found[2]
+    assert found[0].startswith("lung_aca-") and found[2].startswith("lung_n-")
+
+
+def test_near_duplicate_pairs_are_ordered_and_scored(tmp_path):
+    paths = [str(p) for p in write_copies(tmp_path, seed=5)]
+    pairs, scores = grouping.near_duplicates(paths)
+    assert len(pairs) >= len(paths) - 1
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    assert (scores > grouping.LOW_THRESHOLD).all() and scores.max() > 0.8
+
+
+def test_labels_must_match_paths(tmp_path):
+    paths = [str(p) for p in write_copies(tmp_path, seed=1, copies=2)]
+    with pytest.raises(ValueError, match="1 labels for 2 paths"):
+        grouping.detect_groups(paths, ["lung_n"])
+
+
+@pytest.fixture(scope="module")
+def lc25000_groups(shared_data):
+    """Automatic groups on every third true group of the shared tiles (~2,000 of 6,036, for time)."""
+    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = sorted({r["group"] for r in rows})[::3]
+    rows = [r for r in rows if r["group"] in set(keep)]
+    paths = [str(shared_data / r["path"]) for r in rows]
+    labels = [r["label"] for r in rows]
+    return rows, paths, labels, grouping.detect_groups(paths, labels)
+
+
+def test_lc25000_adjusted_rand_index_per_class(lc25000_groups):
+    rows, _, labels, found = lc25000_groups
+    for name in CLASS_NAMES:
+        truth = [r["group"] for r in rows if r["label"] == name]
+        mine = [f for f, lab in zip(found, labels) if lab == name]
+        assert adjusted_rand_score(truth, mine) >= 0.90, name
+
+
+def test_lc25000_leak_of_automatic_split(lc25000_groups):
+    """Leak measured with the TRUE groups (mean over 5 seeds) on the subsample.
+
+    The full 6,036 tiles leak more (bench/grouping.py prints the full-set figure).
+    """
+    rows, paths, labels, found = lc25000_groups
+    truth = {p: r["group"] for p, r in zip(paths, rows)}
+    records = [Record(p, lab, g) for p, lab, g in zip(paths, labels, found)]
+    leaks = []
+    for seed in range(5):
+        split = make_split(records, seed=seed)
+        train = {truth[r.path] for r in split if r.split == "train"}
+        test = [r for r in split if r.split == "test"]
+        leaks.append(sum(truth[r.path] in train for r in test) / len(test))
+    assert np.mean(leaks) <= 0.005, leaks
