@@ -1,0 +1,212 @@
+"""``python -m lungtf.train``: train every backbone on one split, compare them, keep the best.
+
+Configuration: dataclass defaults, then the preset (``--preset``, else chosen from the hardware:
+``gpu`` with a GPU visible, ``cpu`` otherwise), then ``--config my.yaml``, then flags; validated
+before anything runs and written to the run directory as ``config.yaml``.
+
+Resume: the run directory is ``<output>/<UTC timestamp>-<name>``. Started again with the same
+command (same resolved configuration and ``--name``), the newest unfinished run directory of that
+name is re-used and training continues where it stopped (finished backbones and phases are
+skipped, the current phase resumes at its last finished epoch). ``--resume RUN_DIR`` continues a
+given run directory with the configuration stored in it; ``--new`` always starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lungtf.config import (
+    DISTRIBUTIONS,
+    PRECISIONS,
+    PRESETS,
+    SCHEDULES,
+    RunConfig,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    resolve_run_config,
+    to_dict,
+)
+
+log = logging.getLogger("lungtf.train")
+
+
+def _flag_bool(value: str) -> bool | str:
+    return {"auto": "auto", "true": True, "false": False}[value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags; each maps onto one ``RunConfig`` field."""
+    p = argparse.ArgumentParser(
+        prog="python -m lungtf.train",
+        description="Fine-tune and compare backbones on a leakage-safe grouped split of LC25000 "
+        "lung tiles; writes comparison.csv/md and the best model into a run directory.",
+    )
+    p.add_argument(
+        "--data",
+        help="class folders, LC25000 root or CSV manifest "
+        "(default: $LUNGTF_DATA, data/, ../shared/data/lc25000-lung-224, download)",
+    )
+    p.add_argument("--splits", help="existing split manifest (path,label,group,split,protocol)")
+    p.add_argument("--groups", help="path,label,group CSV (default: groups.csv beside the data)")
+    p.add_argument("--backbones", help="comma list of name[:variant], e.g. resnet50,regnet:400mf")
+    p.add_argument("--preset", choices=PRESETS, help="recipe preset (default: follows hardware)")
+    p.add_argument("--config", help="YAML file applied after the preset")
+    p.add_argument("--epochs", type=int, help="phase-2 (all layers) epochs of transfer backbones")
+    p.add_argument("--head-epochs", type=int, help="phase-1 (frozen backbone) epochs")
+    p.add_argument("--scratch-epochs", type=int, help="epochs of from-scratch backbones")
+    p.add_argument("--image-size", type=int, help="input side in pixels")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", help="peak learning rate, or 'auto' (lr_find)")
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
+    p.add_argument("--weights", help="imagenet, none, or a backbone weights file")
+    p.add_argument("--augment", help="comma list of augmentations ('' for none)")
+    p.add_argument("--cache", action="store_true", default=None, help="cache decoded tiles")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument(
+        "--jit-compile",
+        type=_flag_bool,
+        choices=("auto", True, False),
+        help="XLA: auto (on with a GPU), true, false",
+    )
+    p.add_argument("--distribution", choices=DISTRIBUTIONS)
+    p.add_argument("--output", help="folder of run directories (default runs)")
+    p.add_argument("--name", help="run name (default train)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
+    p.add_argument("--new", action="store_true", help="never re-use an unfinished run directory")
+    p.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity (0, 1, 2)")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Nested ``RunConfig`` mapping of the flags that were given."""
+
+    def csv_list(value):
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    lr = args.lr if args.lr in (None, "auto") else float(args.lr)
+    table = {
+        "data": {
+            "data": args.data,
+            "splits": args.splits,
+            "groups": args.groups,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "cache": args.cache,
+            "augment": None if args.augment is None else csv_list(args.augment),
+        },
+        "model": {"image_size": args.image_size, "weights": args.weights},
+        "train": {
+            "epochs": args.epochs,
+            "head_epochs": args.head_epochs,
+            "scratch_epochs": args.scratch_epochs,
+            "lr": lr,
+            "schedule": args.schedule,
+            "label_smoothing": args.label_smoothing,
+            "early_stopping_patience": args.patience,
+            "precision": args.precision,
+            "jit_compile": args.jit_compile,
+            "distribution": args.distribution,
+        },
+        "backbones": None if args.backbones is None else csv_list(args.backbones),
+        "output": args.output,
+        "name": args.name,
+    }
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+        if value not in (None, {}):
+            out[key] = value
+    return out
+
+
+def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> Path:
+    """Re-use the newest unfinished run directory of this name and configuration, or make one."""
+    root = Path(cfg.output)
+    if not args.new and root.is_dir():
+        for candidate in sorted(root.glob(f"*-{cfg.name}"), reverse=True):
+            config = candidate / "config.yaml"
+            if (
+                not (candidate / "comparison.md").is_file()
+                and config.is_file()
+                and load_yaml(config) == to_dict(cfg)
+            ):
+                log.info("resuming unfinished run %s (same name and configuration)", candidate)
+                return candidate
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return root / f"{stamp}-{cfg.name}"
+
+
+def _setup_logging() -> None:
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "_lungtf", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler._lungtf = True
+        log.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, train and compare every backbone, package the best; returns 0 on success."""
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    from lungtf.train.runtime import choose_preset
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
+        log.info("resuming %s with its own config.yaml (other flags ignored)", run_dir)
+    else:
+        cfg = resolve_run_config(choose_preset(args.preset), args.config, _overrides(args))
+    cfg.validate()
+    if not args.resume:
+        run_dir = _run_dir(cfg, args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(file_log)
+    try:
+        if args.preset is None and not args.resume:
+            log.info("preset %s chosen from the hardware (no --preset given)", cfg.preset)
+        return _train_all(cfg, run_dir, args.verbose)
+    finally:
+        log.removeHandler(file_log)
+        file_log.close()
+
+
+def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:
+    from lungtf.train.compare import finalize_best, pick_best, write_comparison
+    from lungtf.train.fit import entry_dir, train_backbone
+    from lungtf.train.prepare import prepare_splits
+    from lungtf.train.runtime import runtime
+
+    log.info("run directory: %s (preset %s)", run_dir, cfg.preset or "none")
+    with runtime(cfg.train) as rt:
+        splits, protocol = prepare_splits(cfg.data, run_dir)
+        results = [
+            train_backbone(entry, cfg, rt, splits, entry_dir(run_dir, entry), verbose)
+            for entry in cfg.backbones
+        ]
+    best = pick_best(results)
+    best_dir = finalize_best(
+        run_dir,
+        entry_dir(run_dir, best["entry"]),
+        best,
+        splits,
+        cfg.data.image_size,
+        cfg.data.batch_size,
+        protocol,
+    )
+    write_comparison(results, run_dir, protocol, best)
+    log.info("comparison: %s; best model: %s", run_dir / "comparison.md", best_dir)
+    return 0

@@ -1,0 +1,296 @@
+"""Train one backbone with the study's recipe, resumably, and measure it on the validation split.
+
+Transfer backbones (pretrained weights) train in two phases: ``head`` with the backbone frozen
+(BatchNorm in inference mode) and ``finetune`` with everything trainable at a lower peak LR.
+Backbones without pretrained weights (``spec.from_scratch`` or ``weights: none``) train all
+layers from the start in one ``scratch`` phase of ``scratch_epochs``. Every phase uses AdamW with
+a warm-up + cosine (or one-cycle) schedule and cross-entropy with optional label smoothing.
+
+Resume: ``<out>/state.json`` records the LR and the epoch each finished phase ended at; each phase
+keeps its own ``BackupAndRestore`` backup, so a restart replays finished phases as zero-epoch
+``fit`` calls (restoring their final weights) and continues the unfinished one mid-way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from lungtf.config import AUTO, RunConfig
+from lungtf.constants import NUM_CLASSES
+from lungtf.data.pipeline import build_augmenter, make_dataset
+from lungtf.models import build_model, freeze_backbone, get_spec, unfreeze_backbone
+from lungtf.train.callbacks import Throughput, make_callbacks, plot_curves, read_history
+from lungtf.train.compare import evaluate_records
+from lungtf.train.lr_find import lr_find
+from lungtf.train.runtime import Runtime
+
+log = logging.getLogger("lungtf.train")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One ``fit`` call of the recipe: name, epochs, peak LR, whether the backbone is frozen."""
+
+    name: str
+    epochs: int
+    peak_lr: float
+    frozen: bool
+
+
+def parse_entry(entry: str) -> tuple[str, str | None]:
+    """Split a ``backbones`` entry ``name[:variant]`` into name and variant."""
+    name, _, variant = entry.partition(":")
+    return name, variant or None
+
+
+def entry_dir(run_dir: Path, entry: str) -> Path:
+    """The folder of backbone ``entry`` in a run directory (``regnet:400mf``: ``regnet-400mf``)."""
+    return run_dir / entry.replace(":", "-")
+
+
+def plan_phases(run: RunConfig, transfer: bool, lr: float) -> list[Phase]:
+    """The phases of the recipe for a transfer (two phases) or from-scratch (one) backbone."""
+    t = run.train
+    if not transfer:
+        return [Phase("scratch", t.scratch_epochs, lr, frozen=False)]
+    phases = [
+        Phase("head", t.head_epochs, lr, frozen=True),
+        Phase("finetune", t.epochs, lr * t.finetune_lr_factor, frozen=False),
+    ]
+    return [p for p in phases if p.epochs > 0]
+
+
+@keras.saving.register_keras_serializable(package="lungtf")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """One-cycle LR: cosine rise from ``peak/25`` over ``warmup_steps``, then cosine decay to
+    ``peak/1e4`` at ``total_steps`` (fastai's ``fit_one_cycle`` shape)."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int):
+        self.peak, self.total_steps, self.warmup_steps = peak, total_steps, warmup_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warm = max(self.warmup_steps, 1)
+        rise = keras.ops.minimum(step / warm, 1.0)
+        fall = keras.ops.clip((step - warm) / max(self.total_steps - warm, 1), 0.0, 1.0)
+        start, end = self.peak / 25, self.peak / 1e4
+        up = start + (self.peak - start) * (1 - keras.ops.cos(math.pi * rise)) / 2
+        down = end + (self.peak - end) * (1 + keras.ops.cos(math.pi * fall)) / 2
+        return keras.ops.where(step < warm, up, down)
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+def make_schedule(kind: str, peak: float, total_steps: int, warmup_fraction: float):
+    """The LR of a phase: ``cosine`` (linear warm-up, cosine decay), ``onecycle``, ``constant``."""
+    warmup = int(total_steps * warmup_fraction)
+    if kind == "constant":
+        return peak
+    if kind == "onecycle":
+        return OneCycle(peak, total_steps, warmup)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(peak, max(total_steps, 1))
+    return keras.optimizers.schedules.CosineDecay(
+        peak / 100, max(total_steps - warmup, 1), warmup_target=peak, warmup_steps=warmup
+    )
+
+
+def compile_model(model: keras.Model, lr, run: RunConfig, rt: Runtime) -> None:
+    """AdamW + cross-entropy on one-hot labels (so label smoothing applies) + accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=lr, weight_decay=run.train.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=run.train.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=rt.jit_compile,
+    )
+
+
+def _one_hot(ds: tf.data.Dataset) -> tf.data.Dataset:
+    return ds.map(lambda x, y: (x, tf.one_hot(y, NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _with_augmenter(model: keras.Model, augmenter: keras.Model) -> keras.Model:
+    """A training-only wrapper that augments on the device, then calls ``model``."""
+    pixels = keras.Input(model.input_shape[1:], name="pixels")
+    return keras.Model(pixels, model(augmenter(pixels)), name=f"{model.name}_augmented")
+
+
+def _set_trainable(model: keras.Model, phase: Phase, finetune_batchnorm: bool) -> None:
+    """Freeze for ``head``; unfreeze otherwise (BatchNorm trains from scratch, or per the spec)."""
+    if phase.frozen:
+        freeze_backbone(model)
+    else:
+        unfreeze_backbone(model, train_batchnorm=phase.name == "scratch" or finetune_batchnorm)
+
+
+def _load_state(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"phases": {}, "seconds": 0.0}
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+
+
+def train_backbone(
+    entry: str,
+    run: RunConfig,
+    rt: Runtime,
+    splits: dict[str, list],
+    out_dir: Path,
+    verbose: int = 2,
+    extra_callbacks: list | None = None,
+) -> dict:
+    """Train backbone ``entry`` (``name[:variant]``) into ``out_dir`` and return its result row.
+
+    Args:
+        entry: a ``RunConfig.backbones`` entry.
+        run: the resolved run configuration.
+        rt: the runtime from ``lungtf.train.runtime.runtime``.
+        splits: ``train``/``val``/``test`` record lists (the same for every backbone).
+        out_dir: the backbone's folder in the run directory (history, backups, checkpoint, plots).
+        verbose: Keras ``fit`` verbosity.
+        extra_callbacks: more callbacks for every phase, after the built-in ones.
+
+    Returns:
+        ``entry``, ``backbone``, ``variant``, ``weights``, ``lr``, ``epochs``, ``val_accuracy``,
+        ``val_loss``, ``missed_cancers``, ``benign_called_cancer``, ``val_n``, ``params``,
+        ``wall_time_s``, ``train_img_per_s`` (also written to ``out_dir/result.json``, which marks it done).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "result.json").is_file():
+        log.info("%s: already trained (result.json), skipped", entry)
+        return json.loads((out_dir / "result.json").read_text())
+    state_path = out_dir / "state.json"
+    state = _load_state(state_path)
+    name, variant = parse_entry(entry)
+    spec = get_spec(name)
+    weights = run.model.weights
+    if weights == "imagenet" and not spec.imagenet:
+        log.info("%s has no ImageNet weights: trained from scratch (weights none)", name)
+        weights = "none"
+    mcfg = replace(run.model, backbone=name, variant=variant, weights=weights)
+    d = run.data
+    augmenter = build_augmenter(d.augment, d.rotation_degrees, seed=d.seed)
+    train_ds = _one_hot(
+        make_dataset(
+            splits["train"],
+            d.image_size,
+            d.batch_size,
+            training=True,
+            augmenter=None if rt.device_augment else augmenter,
+            seed=d.seed,
+            cache=d.cache,
+        )
+    )
+    val_ds = _one_hot(
+        make_dataset(splits["val"], d.image_size, d.batch_size, training=False, cache=d.cache)
+    )
+    with rt.strategy.scope():
+        model = build_model(mcfg)
+        fitted = (
+            _with_augmenter(model, augmenter)
+            if rt.device_augment and augmenter is not None
+            else model
+        )
+    steps_per_epoch = math.ceil(len(splits["train"]) / d.batch_size)
+
+    lr = state.get("lr", run.train.lr)
+    if lr == AUTO:
+        first = plan_phases(run, weights != "none", 1.0)[0]
+        _set_trainable(model, first, spec.finetune_batchnorm)
+        with rt.strategy.scope():
+            compile_model(fitted, 1e-7, run, rt)
+        found = lr_find(
+            fitted, train_ds, steps=run.train.lr_find_steps, png=out_dir / "lr_find.png"
+        )
+        lr = found.suggestion
+        log.info("%s: lr_find suggests %.2e (plot: %s)", entry, lr, out_dir / "lr_find.png")
+    state["lr"] = lr
+    _save_state(state_path, state)
+
+    epoch, timed = 0, []
+    for phase in plan_phases(run, weights != "none", lr):
+        _set_trainable(model, phase, spec.finetune_batchnorm)
+        with rt.strategy.scope():
+            compile_model(
+                fitted,
+                make_schedule(
+                    run.train.schedule,
+                    phase.peak_lr,
+                    phase.epochs * steps_per_epoch,
+                    run.train.warmup_fraction,
+                ),
+                run,
+                rt,
+            )
+        finished = state["phases"].get(phase.name)
+        callbacks = make_callbacks(
+            out_dir, phase.name, model, len(splits["train"]), run.train.early_stopping_patience
+        ) + list(extra_callbacks or [])
+        log.info(
+            "%s: phase %s, epochs %d..%d, peak lr %.2e%s",
+            entry,
+            phase.name,
+            epoch + 1,
+            epoch + phase.epochs,
+            phase.peak_lr,
+            " (restored)" if finished else "",
+        )
+        start = time.perf_counter()
+        fitted.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=finished or epoch + phase.epochs,
+            initial_epoch=epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        rows = read_history(out_dir / "history.csv")
+        epoch = finished or (int(rows[-1]["epoch"]) + 1 if rows else epoch)
+        if not finished:
+            state["phases"][phase.name] = epoch
+            state["seconds"] += time.perf_counter() - start
+            timed += [c for c in callbacks if isinstance(c, Throughput)]
+            _save_state(state_path, state)
+
+    best = keras.models.load_model(out_dir / "best.keras", compile=False)
+    val = evaluate_records(best, splits["val"], d.image_size, d.batch_size)
+    seconds = sum(sum(t.epoch_seconds[1:] or t.epoch_seconds) for t in timed)
+    images = sum(t.images_per_epoch * len(t.epoch_seconds[1:] or t.epoch_seconds) for t in timed)
+    result = {
+        "entry": entry,
+        "backbone": name,
+        "variant": spec.resolve_variant(variant),
+        "weights": weights,
+        "lr": lr,
+        "epochs": epoch,
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["loss"],
+        "missed_cancers": val["missed_cancers"],
+        "benign_called_cancer": val["benign_called_cancer"],
+        "val_n": val["n"],
+        "params": best.count_params(),
+        "wall_time_s": round(state["seconds"], 1),
+        "train_img_per_s": round(images / seconds, 1) if seconds else None,
+    }
+    plot_curves(out_dir / "history.csv", out_dir / "curves.png", entry)
+    _save_state(out_dir / "result.json", result)
+    log.info(
+        "%s: val accuracy %.4f, missed cancers %d", entry, val["accuracy"], val["missed_cancers"]
+    )
+    return result

@@ -1,0 +1,147 @@
+"""lungtf.train end to end on tiny real images: CLI smoke, resume across phases, rules, errors."""
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import write_tile
+
+from lungtf.config import ModelConfig, resolve_run_config
+from lungtf.constants import CLASS_NAMES
+from lungtf.models import build_model
+from lungtf.train import main
+from lungtf.train.callbacks import read_history
+from lungtf.train.compare import pick_best, uncertainty_threshold
+from lungtf.train.fit import train_backbone
+from lungtf.train.prepare import prepare_splits
+from lungtf.train.runtime import choose_preset, runtime
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes x 20 tiles (40 px) in groups of two, a groups.csv beside them, one broken file."""
+    root = tmp_path_factory.mktemp("data") / "lung_image_sets"
+    rows = []
+    for c, name in enumerate(CLASS_NAMES):
+        for i in range(20):
+            path = write_tile(root / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
+            rows.append(f"{name}/{path.name},{name},{name}-{i // 2}")
+    (root / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
+    (root / "lung_n" / "broken.jpeg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def test_cli_two_backbones_compare_and_package_best(tiny_data, tmp_path):
+    argv = [
+        "--data", str(tiny_data), "--backbones", "resnet34,regnet:200mf",
+        "--image-size", str(SIZE), "--batch-size", "8", "--scratch-epochs", "1",
+        "--weights", "none", "--output", str(tmp_path), "--name", "smoke", "--verbose", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = tmp_path.glob("*-smoke")
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml", "splits.csv", "bad_files.csv", "comparison.csv", "comparison.md", "best",
+        "resnet34", "regnet-200mf", "train.log",
+    }  # fmt: skip
+    assert "broken.jpeg" in (run / "bad_files.csv").read_text()
+    with open(run / "splits.csv", newline="") as fh:
+        split_rows = list(csv.DictReader(fh))
+    assert len(split_rows) == 60 and {r["protocol"] for r in split_rows} == {"grouped"}
+    with open(run / "comparison.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["backbone"] for r in rows] == ["resnet34", "regnet"]
+    for r in rows:
+        assert 0 <= float(r["val_accuracy"]) <= 1 and int(r["params"]) > 0
+        assert float(r["wall_time_s"]) > 0 and int(r["missed_cancers"]) >= 0
+    md = (run / "comparison.md").read_text()
+    assert "grouped" in md and "missed cancers" in md and "highest validation accuracy" in md
+    for backbone in ("resnet34", "regnet-200mf"):
+        assert (run / backbone / "curves.png").stat().st_size > 1000
+        assert [r["epoch"] for r in read_history(run / backbone / "history.csv")] == ["0"]
+        assert any((run / backbone / "tensorboard").rglob("events.out.tfevents.*"))
+    meta = json.loads((run / "best" / "lungtf.json").read_text())
+    assert meta["backbone"] == pick_best([_typed(r) for r in rows])["backbone"]
+    assert meta["class_names"] == list(CLASS_NAMES) and meta["image_size"] == SIZE
+    assert meta["split_protocol"] == "grouped" and meta["temperature"] == 1.0
+    assert meta["test_metrics"]["n"] == sum(r["split"] == "test" for r in split_rows)
+    assert 0 < meta["uncertainty_threshold"] <= 1
+    model = keras.models.load_model(run / "best" / "model.keras")
+    assert model.input_shape == (None, SIZE, SIZE, 3)
+    assert any((run / "best" / "saved_model").glob("*/saved_model.pb"))
+
+
+def _typed(row: dict) -> dict:
+    return {**row, "val_accuracy": float(row["val_accuracy"]),
+            "missed_cancers": int(row["missed_cancers"]), "params": int(row["params"])}
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Stands in for a killed process: raises once training has finished epoch ``after``."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.after:
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
+
+
+def test_interrupted_run_resumes_across_phases(tiny_data, tmp_path):
+    # A backbone weights file (made here) makes resnet34 a transfer backbone: two phases.
+    weights = tmp_path / "backbone.weights.h5"
+    cfg = ModelConfig(backbone="resnet34", weights="none", image_size=SIZE)
+    build_model(cfg).get_layer("backbone").save_weights(weights)
+    run = resolve_run_config("cpu", None, {
+        "data": {"data": str(tiny_data), "image_size": SIZE, "batch_size": 8},
+        "model": {"weights": str(weights)},
+        "train": {"head_epochs": 1, "epochs": 2, "early_stopping_patience": 0},
+        "backbones": ["resnet34"],
+    })  # fmt: skip
+    run.validate()
+    out = tmp_path / "run" / "resnet34"
+    with runtime(run.train) as rt:
+        splits, _ = prepare_splits(run.data, tmp_path / "run")
+        with pytest.raises(KeyboardInterrupt):  # dies after global epoch 1 (first fine-tune one)
+            train_backbone("resnet34", run, rt, splits, out, 0, [_Interrupt(after=1)])
+        state = json.loads((out / "state.json").read_text())
+        assert state["phases"] == {"head": 1}
+        result = train_backbone("resnet34", run, rt, splits, out, verbose=0)
+    assert [r["epoch"] for r in read_history(out / "history.csv")] == ["0", "1", "2"]
+    assert json.loads((out / "state.json").read_text())["phases"] == {"head": 1, "finetune": 3}
+    assert result["epochs"] == 3 and result["weights"] == str(weights)
+    assert json.loads((out / "result.json").read_text()) == result
+
+
+def test_invalid_config_fails_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone 'vgg16'.*resnet34"):
+        main(["--backbones", "resnet34,vgg16", "--output", str(tmp_path / "runs")])
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        main(["--batch-size", "0", "--output", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_preset_follows_the_hardware_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="lungtf.train"):
+        assert choose_preset(None) == "cpu"  # this machine has no GPU
+        assert choose_preset("gpu") == "gpu"
+    assert "no GPU visible: preset 'cpu' chosen automatically" in caplog.text
+
+
+def test_best_rule_and_uncertainty_threshold():
+    rows = [
+        {"backbone": "a", "val_accuracy": 0.9, "missed_cancers": 1, "params": 10},
+        {"backbone": "b", "val_accuracy": 0.95, "missed_cancers": 3, "params": 10},
+        {"backbone": "c", "val_accuracy": 0.95, "missed_cancers": 2, "params": 20},
+    ]
+    assert pick_best(rows)["backbone"] == "c"  # tie on accuracy -> fewest missed cancers
+    probs = np.array([[0.99, 0.005, 0.005], [0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]])
+    labels = np.array([0, 0, 0, 2])  # the two least confident predictions are wrong
+    assert uncertainty_threshold(probs, labels) == pytest.approx(0.9)
+    assert uncertainty_threshold(probs, np.array([1, 1, 0, 2])) == 1.0  # never 99% accurate
