@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_tile
 from PIL import Image
 
 from lungtf.train.lr_find import lr_find, smooth, suggest
-from conftest import write_tile
 
 
 def _tiny_dataset(tmp_path, n=24, size=32):

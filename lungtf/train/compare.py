@@ -58,8 +58,7 @@ def predict_records(model: keras.Model, records: list, image_size: int, batch_si
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """``accuracy``, ``loss`` (cross-entropy), ``missed_cancers``, ``benign_called_cancer``, ``n``.
-    """
+    """Accuracy, cross-entropy loss, missed cancers, benign called cancer and ``n``."""
     pred = probs.argmax(axis=1)
     view = cancer_view(labels, pred)
     picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
