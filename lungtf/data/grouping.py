@@ -64,7 +64,7 @@ def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
         im.draft("RGB", (SIZE, SIZE))
         rgb = im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
     grey = np.asarray(rgb.convert("L"), np.float32)
-    density = -np.log((np.asarray(rgb, np.float32).reshape(-1, 3) + 1) / 256)
+    density = -np.log((np.asarray(rgb.reduce(4), np.float32).reshape(-1, 3) + 1) / 256)
     spread = density.std(0)
     corr = np.corrcoef(density.T)[np.triu_indices(3, 1)] if spread.min() > 0 else np.zeros(3)
     colour = np.concatenate([np.percentile(density, [10, 25, 50, 75, 90], axis=0).ravel(),
@@ -104,7 +104,7 @@ class _Features:
     def __init__(self, images: np.ndarray):
         matrix, rows, start, length = _grid()
         band = ndimage.gaussian_filter(images, (0, 0.7, 0.7)) - ndimage.gaussian_filter(
-            images, (0, 4, 4))
+            images, (0, 4, 4), truncate=3.0)
         polar = (matrix @ band.reshape(len(band), -1).T).T.reshape(len(band), rows, ANGLES)
         self.start, self.length = start, length
         self.spectra = np.fft.rfft(polar, axis=2).astype(np.complex64)
@@ -220,7 +220,7 @@ class _Prepared:
             distance = np.linalg.norm(self.colour[new[:, 0]] - self.colour[new[:, 1]], axis=1)
             keep = (score > threshold) | ((score > low_threshold) & (distance < colour_gate))
             pairs, scores = np.concatenate([pairs, new[keep]]), np.concatenate([scores, score[keep]])
-            component = _components(pairs, n)
+            component = components(pairs, n)
             sizes = np.bincount(component)[component]
             queries = [m[sizes[m] < small] for m in self.members]
         return pairs, scores
@@ -248,7 +248,7 @@ class _Prepared:
                     links.append((inside[0], m[component[m] == target][0]))
         first = np.unique(component, return_index=True)[1]
         own = np.stack([np.arange(len(component)), first[component]], 1)
-        return _components(np.concatenate([own, np.array(links, int).reshape(-1, 2)]),
+        return components(np.concatenate([own, np.array(links, int).reshape(-1, 2)]),
                            len(component))
 
 
@@ -293,8 +293,8 @@ def near_duplicates(
                           small)
 
 
-def _components(pairs: np.ndarray, n: int) -> np.ndarray:
-    """Connected-component index of each of ``n`` nodes joined by ``pairs``."""
+def components(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Connected-component index of each of ``n`` nodes joined by index ``pairs`` ``[M, 2]``."""
     graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
@@ -332,7 +332,7 @@ def detect_groups(
     settings = {"threshold": THRESHOLD, "low_threshold": LOW_THRESHOLD,
                 "colour_gate": COLOUR_GATE, "neighbours": 20, "retry_neighbours": 60, **options}
     pairs, _ = prepared.pairs(small=small, **settings)
-    component = prepared.attach(_components(pairs, len(paths)), small, attach)
+    component = prepared.attach(components(pairs, len(paths)), small, attach)
     names: dict[int, str] = {}
     out = []
     for index, comp in enumerate(component):

@@ -170,7 +170,7 @@ def audit(records: list[Record], **options) -> AuditReport:
     split = [r.split for r in records]
     cross = [(paths[a], split[a], paths[b], split[b], float(s))
              for (a, b), s in zip(pairs, scores) if split[a] != split[b]]
-    component = grouping._components(pairs, len(records))
+    component = grouping.components(pairs, len(records))
     train_components = {c for c, s in zip(component, split) if s == "train"}
     train_groups = {r.group for r in records if r.split == "train" and r.group}
     test = [i for i, s in enumerate(split) if s == "test"]
@@ -227,7 +227,8 @@ def _split_command(args: argparse.Namespace) -> int:
     records = make_split(records, args.ratios, args.seed, random=args.random)
     write_manifest(records, args.out, protocol)
     count = Counter((r.label, r.split) for r in records)
-    print(f"protocol: {protocol}; {len({r.group for r in records})} groups; wrote {args.out}")
+    groups = "" if args.random else f"; {len({r.group for r in records})} groups"
+    print(f"protocol: {protocol}{groups}; wrote {args.out}")
     print(f"{'class':<10}" + "".join(f"{s:>7}" for s in SPLIT_NAMES))
     for label in CLASS_NAMES:
         print(f"{label:<10}" + "".join(f"{count[label, s]:>7}" for s in SPLIT_NAMES))
@@ -243,7 +244,9 @@ def _audit_command(args: argparse.Namespace) -> int:
         print(f"  {split_a}:{a}  {split_b}:{b}  ncc={score:.2f}")
     print(f"leak rate (test images with a near-duplicate in train): {report.leak_rate:.2%} "
           f"({report.leaked}/{report.n_test})")
-    print(f"group leak rate (test images whose group is in train): {report.group_leak_rate:.2%}")
+    if any(r.group for r in records):
+        print(f"group leak rate (test images whose group is in train): "
+              f"{report.group_leak_rate:.2%} ({report.group_leaked}/{report.n_test})")
     return 0
 
 
