@@ -138,10 +138,14 @@ def with_filter(req: predict_pb2.PredictRequest, alias: str) -> predict_pb2.Pred
 
 
 PIXELS = np.zeros((1, 32, 32, 3), np.float32)
-TIFF = np.array([b"not an image", b"\xff\xd8\xff"], dtype=object)
+UNDECODABLE = np.array([b"not an image", b"\xff\xd8\xff"], dtype=object)
 BAD_PREDICTS = {
-    "no model name": (request(name="", image_bytes=TIFF), "INVALID_ARGUMENT", "name is empty"),
-    "unknown model": (request(name="colon", image_bytes=TIFF), "NOT_FOUND", "Latest(colon)"),
+    "no model name": (
+        request(name="", image_bytes=UNDECODABLE),
+        "INVALID_ARGUMENT",
+        "name is empty",
+    ),
+    "unknown model": (request(name="colon", image_bytes=UNDECODABLE), "NOT_FOUND", "Latest(colon)"),
     "unknown version": (with_version(good(), 99), "NOT_FOUND", "Specific(lungtf, 99)"),
     "unknown label": (with_label(good(), "canary"), "INVALID_ARGUMENT", "'canary'"),
     "unknown signature": (
@@ -151,7 +155,7 @@ BAD_PREDICTS = {
     ),
     "missing input": (request(), "INVALID_ARGUMENT", "Missing but required: ['image_bytes']"),
     "extra input": (
-        request(image_bytes=TIFF, mask=PIXELS),
+        request(image_bytes=UNDECODABLE, mask=PIXELS),
         "INVALID_ARGUMENT",
         "Sent extra: ['mask']",
     ),
@@ -161,7 +165,7 @@ BAD_PREDICTS = {
         "but float is provided",
     ),
     "undecodable bytes": (
-        request(image_bytes=TIFF),
+        request(image_bytes=UNDECODABLE),
         "INVALID_ARGUMENT",
         "image_bytes string [2] of [12, 3] bytes",
     ),
