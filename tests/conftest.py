@@ -52,3 +52,37 @@ def artifacts_dir() -> Path:
     """Where tests leave files for a person to look at (screenshots, plots)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+TINY_RUN_BACKBONES = "resnet34"
+"""Backbones of the ``tiny_run`` fixture (one: each costs ~100 s of CPU to train and package)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished ``python -m lungtf.train`` run directory on tiny synthetic tiles (64 px).
+
+    3 classes x 10 groups x 3 tiles with a ``groups.csv`` beside them, ``TINY_RUN_BACKBONES``
+    trained from scratch for one epoch: ``splits.csv`` (grouped), ``comparison.csv``,
+    ``<backbone>/best.keras``,
+    ``best/model.keras`` + ``best/lungtf.json`` and ``best/saved_model/<version>``. Trained once
+    per session; tests that change it must work on a copy.
+    """
+    from lungtf.train import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "lung_image_sets"
+    rows = []
+    for c, name in enumerate(CLASS_NAMES):
+        for i in range(30):
+            path = write_tile(data / name / f"{name}{i}.jpeg", seed=1000 * c + i, size=64, cls=c)
+            rows.append(f"{name}/{path.name},{name},{name}-{i // 3}")
+    (data / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
+    argv = [
+        "--data", str(data), "--backbones", TINY_RUN_BACKBONES, "--image-size", "64",
+        "--batch-size", "16", "--scratch-epochs", "1", "--weights", "none",
+        "--output", str(root / "runs"), "--name", "tiny", "--verbose", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = (root / "runs").glob("*-tiny")
+    return run
