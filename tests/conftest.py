@@ -64,9 +64,9 @@ def tiny_run(tmp_path_factory) -> Path:
 
     3 classes x 10 groups x 3 tiles with a ``groups.csv`` beside them, ``TINY_RUN_BACKBONES``
     trained from scratch for one epoch: ``splits.csv`` (grouped), ``comparison.csv``,
-    ``<backbone>/best.keras``,
-    ``best/model.keras`` + ``best/lungtf.json`` and ``best/saved_model/<version>``. Trained once
-    per session; tests that change it must work on a copy.
+    ``<backbone>/best.keras``, ``best/model.keras`` + ``best/lungtf.json`` and
+    ``best/saved_model/<version>``. Trained once per session; tests that change it must work on a
+    copy.
     """
     from lungtf.train import main
 
