@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="XLA: auto (on with a GPU), true, false",
     )
     p.add_argument("--distribution", choices=DISTRIBUTIONS)
+    p.add_argument(
+        "--device-augment",
+        type=_flag_bool,
+        choices=("auto", True, False),
+        help="augment inside the training step: auto (with a GPU), true, false",
+    )
     p.add_argument("--output", help="folder of run directories (default runs)")
     p.add_argument("--name", help="run name (default train)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
@@ -115,6 +121,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "precision": args.precision,
             "jit_compile": args.jit_compile,
             "distribution": args.distribution,
+            "device_augment": args.device_augment,
         },
         "backbones": None if args.backbones is None else csv_list(args.backbones),
         "output": args.output,

@@ -200,6 +200,13 @@ def train_backbone(
     val_ds = _one_hot(
         make_dataset(splits["val"], d.image_size, d.batch_size, training=False, cache=d.cache)
     )
+    if rt.replicas > 1:
+        # Keras 3 fails on a batch that does not split evenly over the replicas (AddN shape error,
+        # keras-team/keras#19246): such a last batch is left out of fit's epochs. The reported
+        # validation metrics are computed afterwards on every image, outside the strategy.
+        train_ds, val_ds = (
+            ds.filter(lambda x, y: tf.shape(x)[0] % rt.replicas == 0) for ds in (train_ds, val_ds)
+        )
     with rt.strategy.scope():
         model = build_model(mcfg)
         fitted = (
