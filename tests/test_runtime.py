@@ -1,6 +1,5 @@
 """Runtime: dtype policy set and restored, strategy choice, MirroredStrategy over 2 logical CPUs."""
 
-import math
 import subprocess
 import sys
 import textwrap
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import keras
 
+import lungtf.models  # noqa: F401  (registers the layers best.keras holds)
 from lungtf.config import TrainConfig
 from lungtf.train.runtime import make_strategy, resolve_precision, runtime
 
@@ -28,33 +28,47 @@ def test_auto_strategy_is_single_device_on_cpu(monkeypatch):
 
 
 MIRRORED = """
+import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np
-from lungtf.config import ModelConfig, RunConfig, TrainConfig
-from lungtf.models import build_model
-from lungtf.train.fit import compile_model
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import write_tile
+from lungtf.config import resolve_run_config
+from lungtf.constants import CLASS_NAMES
+from lungtf.train.fit import train_backbone
+from lungtf.train.prepare import prepare_splits
 from lungtf.train.runtime import runtime
 
-with runtime(TrainConfig(distribution="mirrored")) as rt:
-    with rt.strategy.scope():
-        model = build_model(ModelConfig(backbone="resnet34", weights="none", image_size=32))
-        compile_model(model, 1e-3, RunConfig(), rt)
-    x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
-    y = np.eye(3, dtype="float32")[np.arange(16) % 3]
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    print("replicas", rt.replicas, type(rt.strategy).__name__, "loss", history.history["loss"][0])
+root = Path(sys.argv[1])
+for c, name in enumerate(CLASS_NAMES):
+    for i in range(8):
+        write_tile(root / "data" / name / f"{name}{i}.png", seed=10 * c + i, cls=c)
+run = resolve_run_config("cpu", None, {
+    "data": {"data": str(root / "data"), "image_size": 32, "batch_size": 4},
+    "train": {"scratch_epochs": 1, "distribution": "mirrored", "device_augment": True},
+    "backbones": ["resnet34"],
+})
+with runtime(run.train) as rt:
+    splits, _ = prepare_splits(run.data, root / "run")
+    result = train_backbone("resnet34", run, rt, splits, root / "run" / "resnet34", verbose=0)
+print("replicas", rt.replicas, type(rt.strategy).__name__, "val_accuracy", result["val_accuracy"])
 """
 
 
-def test_mirrored_strategy_on_two_logical_cpus_fits():
+def test_mirrored_strategy_on_two_logical_cpus_with_device_augmentation(tmp_path):
     # Logical devices must be configured before TensorFlow initialises: a fresh interpreter.
+    # Augmentation inside the training step (the GPU path) is exercised on the same run.
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(MIRRORED)],
-        capture_output=True, text=True, timeout=600, check=False, cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-c", textwrap.dedent(MIRRORED), str(tmp_path)],
+        capture_output=True, text=True, timeout=900, check=False,
+        cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     words = done.stdout.split()
     assert words[:3] == ["replicas", "2", "MirroredStrategy"]
-    assert math.isfinite(float(words[4]))  # the one fit produced a real loss
+    assert 0 <= float(words[4]) <= 1
+    saved = keras.models.load_model(tmp_path / "run" / "resnet34" / "best.keras", compile=False)
+    assert saved.input_shape == (None, 32, 32, 3)  # the deployable model, not the training wrapper
+    assert {"preprocess", "backbone", "probabilities"} <= {layer.name for layer in saved.layers}
