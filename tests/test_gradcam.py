@@ -27,7 +27,7 @@ def colour_tiles(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module", params=list_backbones())
 def trained(request):
-    """A tiny model of one backbone after three eager training steps, and six tiles.
+    """A tiny model of one backbone after two eager training steps, and six tiles.
 
     Eager steps instead of ``fit``: tracing a training graph of a deep backbone costs far more
     CPU time than the steps themselves.
@@ -42,8 +42,8 @@ def trained(request):
                                     image_size=SIZE))
     optimizer = keras.optimizers.Adam(1e-3)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    x, y = colour_tiles(18)
-    for step in range(3):
+    x, y = colour_tiles(12)
+    for step in range(2):
         xb, yb = x[6 * step : 6 * step + 6], y[6 * step : 6 * step + 6]
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))

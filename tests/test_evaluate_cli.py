@@ -1,0 +1,147 @@
+"""``python -m lungtf.evaluate`` in-process on a tiny trained run: files, numbers, options, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungtf.constants import CLASS_NAMES, PROTOCOL_RANDOM
+from lungtf.evaluate.__main__ import main
+from lungtf.evaluate.calibration import apply_temperature
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def probabilities(rows: list[dict]) -> np.ndarray:
+    return np.array([[float(r[c]) for c in CLASS_NAMES] for r in rows])
+
+
+@pytest.fixture(scope="module")
+def run_eval(tiny_run, tmp_path_factory) -> Path:
+    """The default evaluation of the tiny run's best model on its test split."""
+    out = tmp_path_factory.mktemp("eval")
+    assert main([str(tiny_run), "--out", str(out), "--top-losses", "4", "--bootstrap", "200"]) == 0
+    return out
+
+
+def test_run_directory_writes_every_output(tiny_run, run_eval):
+    names = {p.name for p in run_eval.iterdir()}
+    backbones = {p.parent.name for p in tiny_run.glob("*/best.keras")}
+    assert backbones, "the tiny run has no <backbone>/best.keras"
+    assert names >= {
+        "predictions.csv", "metrics.json", "report.md", "confusion_matrix.csv",
+        "confusion_matrix.png", "reliability.png", "top_losses.png",
+        *(f"gradcam_{b}.png" for b in backbones),
+    }  # fmt: skip
+    test_rows = [r for r in read_csv(tiny_run / "splits.csv") if r["split"] == "test"]
+    rows = read_csv(run_eval / "predictions.csv")
+    assert list(rows[0]) == ["path", "group", "label", "predicted", *CLASS_NAMES, "loss"]
+    assert [r["path"] for r in rows] == [r["path"] for r in test_rows]
+    assert [r["group"] for r in rows] == [r["group"] for r in test_rows]
+    probs = probabilities(rows)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    losses = np.array([float(r["loss"]) for r in rows])
+    true = [CLASS_NAMES.index(r["label"]) for r in rows]
+    picked = np.maximum(probs[np.arange(len(rows)), true], 1e-12)  # losses clip at 1e-12
+    np.testing.assert_allclose(losses, -np.log(picked), rtol=1e-5, atol=1e-6)
+
+    m = json.loads((run_eval / "metrics.json").read_text())
+    right = sum(r["label"] == r["predicted"] for r in rows)
+    assert m["accuracy"] == pytest.approx(right / len(rows)) and m["n"] == len(rows)
+    assert m["split_protocol"] == "grouped" and m["leaky"] is False
+    assert np.sum(m["confusion_matrix"]) == len(rows)
+    assert m["bootstrap"]["unit"] == "group" and m["bootstrap"]["n_groups"] == len(
+        {r["group"] for r in rows}
+    )
+    low, high = m["bootstrap"]["accuracy"]
+    assert low <= m["accuracy"] <= high
+    # The same tiles and model as training's own test metrics in lungtf.json.
+    meta = json.loads((tiny_run / "best" / "lungtf.json").read_text())
+    assert m["accuracy"] == pytest.approx(meta["test_metrics"]["accuracy"], abs=1e-6)
+    assert m["cancer_vs_benign"]["missed_cancers"] == meta["test_metrics"]["missed_cancers"]
+    report = (run_eval / "report.md").read_text()
+    assert "Split protocol: **grouped**" in report and "WARNING" not in report
+    assert "missed cancers" in report and "95% interval" in report
+    assert (run_eval / "confusion_matrix.csv").read_text().startswith(
+        "actual\\predicted," + ",".join(CLASS_NAMES)
+    )
+
+
+def test_leaky_manifest_is_reported_as_inflated_and_data_reroots_moved_images(
+    tiny_run, tmp_path, capsys
+):
+    # The run's manifest relabelled as a random split, with its images "moved" elsewhere.
+    rows = read_csv(tiny_run / "splits.csv")
+    data = Path(rows[0]["path"]).parents[1]
+    moved = tmp_path / "leaky.csv"
+    with open(moved, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(
+            {**r, "path": str(tmp_path / "gone" / Path(r["path"]).relative_to(data)),
+             "protocol": PROTOCOL_RANDOM}
+            for r in rows
+        )  # fmt: skip
+    out = tmp_path / "out"
+    argv = [str(tiny_run), "--splits", str(moved), "--data", str(data), "--out", str(out),
+            "--top-losses", "0", "--bootstrap", "50"]
+    assert main(argv) == 0
+    assert "inflated" in capsys.readouterr().out
+    assert all(r["path"].startswith(str(data)) for r in read_csv(out / "predictions.csv"))
+    assert json.loads((out / "metrics.json").read_text())["leaky"] is True
+    report = (out / "report.md").read_text()
+    assert "**random (leaky)**" in report
+    assert "**WARNING: these numbers come from a random (leaky) split.**" in report
+
+
+def test_savedmodel_matches_keras_and_mcnemar_compares(tiny_run, run_eval, tmp_path):
+    (version,) = (tiny_run / "best" / "saved_model").iterdir()
+    out = tmp_path / "sm"
+    argv = [str(version), "--splits", str(tiny_run / "splits.csv"), "--out", str(out),
+            "--top-losses", "2", "--bootstrap", "50", "--compare", str(tiny_run / "best" / "model.keras")]
+    assert main(argv) == 0
+    served = probabilities(read_csv(out / "predictions.csv"))
+    np.testing.assert_allclose(served, probabilities(read_csv(run_eval / "predictions.csv")),
+                               atol=1e-5)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["kind"] == "savedmodel" and "Grad-CAM needs a Keras model" in m["notes"][0]
+    mc = m["comparison"]["mcnemar"]
+    assert (mc["b"], mc["c"], mc["p_value"]) == (0, 0, 1.0)  # the same model, exported
+    assert "McNemar" in (out / "report.md").read_text()
+
+
+def test_calibrate_fits_on_val_and_stores_temperature(tiny_run, run_eval, tmp_path, capsys):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    out = tmp_path / "cal"
+    assert main([str(run), "--calibrate", "--out", str(out), "--top-losses", "0",
+                 "--bootstrap", "50"]) == 0
+    assert "stored in" in capsys.readouterr().out
+    t = json.loads((run / "best" / "lungtf.json").read_text())["temperature"]
+    m = json.loads((out / "metrics.json").read_text())
+    cal = m["calibration"]
+    assert cal["temperature"] == t == m["temperature"] and t != 1.0
+    n_val = sum(r["split"] == "val" for r in read_csv(run / "splits.csv"))
+    assert cal["fitted_on"] == "val" and cal["n_fit"] == n_val
+    assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(cal)
+    raw = probabilities(read_csv(run_eval / "predictions.csv"))
+    scaled = probabilities(read_csv(out / "predictions.csv"))
+    np.testing.assert_allclose(scaled, apply_temperature(raw, t), atol=1e-4)
+    assert "Temperature scaling fitted on the val split" in (out / "report.md").read_text()
+
+
+def test_errors_say_what_was_received(tiny_run, tmp_path, capsys):
+    assert main([str(tmp_path), "--splits", str(tiny_run / "splits.csv")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    (version,) = (tiny_run / "best" / "saved_model").iterdir()
+    assert main([str(version), "--splits", str(tiny_run / "splits.csv"), "--calibrate"]) == 2
+    assert "calibrate the run directory" in capsys.readouterr().err
+    assert main([str(tiny_run / "best" / "model.keras")]) == 2
+    assert "--splits is required" in capsys.readouterr().err
