@@ -17,9 +17,13 @@ learned features and no downloads:
    tissue stays below ``THRESHOLD``. A lower NCC also counts when the two images' stain colour
    statistics agree (``LOW_THRESHOLD``, ``COLOUR_GATE``).
 4. Verified pairs are joined into groups (connected components). Images left in small groups get
-   a second, wider candidate search; groups still small are then joined to the large group of
-   closest stain colour. Some LC25000 copies are distorted beyond what the geometric match
-   verifies, and splitting a true group leaks while merging two does not.
+   a second, wider candidate search.
+5. Copies zoomed about an off-centre point, cropped or translated share no centre with their
+   source, so the log-polar match misses them: ``keypoints.link_groups`` joins groups whose
+   SIFT keypoints agree under a RANSAC similarity fit (a small group to the group it matches
+   best, two large groups only on strong evidence).
+6. Groups still small join the large group of closest stain colour: splitting a true group
+   leaks while merging two does not.
 
 Measured on the 6,036 shared LC25000 tiles by ``bench/grouping.py``.
 """
@@ -34,6 +38,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
+
+from lungtf.data import keypoints
 
 SIZE = 112
 """Side in pixels every image is resized to before matching."""
@@ -309,10 +315,11 @@ def detect_groups(
 ) -> list[str]:
     """One near-duplicate group id per path.
 
-    Groups are the connected components of the ``near_duplicates`` pairs; then every group
-    smaller than ``small`` joins the large group (same label) of closest stain colour when that
-    colour distance is below ``attach`` (erring on the side of merging: splitting a true group
-    leaks, merging two does not).
+    Groups are the connected components of the ``near_duplicates`` pairs, joined further where
+    ``keypoints.link_groups`` verifies SIFT matches between them (off-centre zoom, crop,
+    translation); then every group still smaller than ``small`` joins the large group (same
+    label) of closest stain colour when that colour distance is below ``attach`` (erring on the
+    side of merging: splitting a true group leaks, merging two does not).
 
     Args:
         paths: image files.
@@ -334,7 +341,10 @@ def detect_groups(
     settings = {"threshold": THRESHOLD, "low_threshold": LOW_THRESHOLD,
                 "colour_gate": COLOUR_GATE, "neighbours": 20, "retry_neighbours": 60, **options}
     pairs, _ = prepared.pairs(small=small, **settings)
-    component = prepared.attach(components(pairs, len(paths)), small, attach)
+    extra = keypoints.link_groups(paths, prepared.members, components(pairs, len(paths)), small,
+                                  prepared.workers)
+    component = prepared.attach(components(np.concatenate([pairs, extra]), len(paths)), small,
+                                attach)
     names: dict[int, str] = {}
     out = []
     for index, comp in enumerate(component):

@@ -1,0 +1,175 @@
+"""Keypoint verification that joins near-duplicate groups the centred log-polar match misses.
+
+Some LC25000 copies are zoomed about an off-centre point, cropped or translated (two source tiles
+can even overlap), so the log-polar NCC of ``grouping``, which assumes a common centre, splits
+their source into several groups, and a split group leaks. SIFT keypoints are invariant to
+rotation, scale and translation; a flip is handled by mirroring the descriptors. A RANSAC
+similarity fit (rotation, uniform scale, translation) on the matched keypoints verifies a pair:
+copies share tens of geometrically consistent matches, different tissue only a few.
+
+Per label, a few representatives of every group (every member of a small group) go into a
+FLANN index; each representative, as shot and mirrored, queries it; pairs of images with enough
+matches are verified. A small group is joined to the group it matches best; two large groups
+only on strong evidence, since merging two large groups costs the most purity.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+
+SIZE = 224
+"""Side in pixels every image is resized to before keypoint detection."""
+FEATURES = 300
+"""SIFT keypoints kept per image (the strongest)."""
+NEIGHBOURS = 8
+"""Nearest database descriptors taken per query descriptor."""
+PAIR_INLIERS = 6
+"""RANSAC inliers for an image pair to count as evidence (chance alone mostly reaches 4-5)."""
+SMALL_EVIDENCE = 15
+"""Inliers, summed over the image pairs of two groups, that join a small group to the other.
+
+LC25000 copies zoomed about an off-centre point match single members of their group with only
+5-30 inliers, but they match most members, so the sum separates them from other tissue."""
+LARGE_INLIERS = 50
+"""Inliers of one image pair that join two large groups (overlapping sources reach ~40)."""
+REPRESENTATIVES = 5
+"""Members of a large group that stand for it in the index."""
+_MIRROR = np.arange(128).reshape(4, 4, 8)[::-1][:, :, (-np.arange(8)) % 8].ravel()
+"""Permutation that turns a SIFT descriptor into that of the left-right mirrored patch."""
+
+
+def _sift(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT keypoint positions ``[n, 2]`` and descriptors ``[n, 128]`` of a ``SIZE`` grey image."""
+    grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if grey is None:
+        raise ValueError(f"cannot decode image {path} for keypoint matching")
+    grey = cv2.resize(grey, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    found, desc = cv2.SIFT_create(nfeatures=FEATURES).detectAndCompute(grey, None)
+    if desc is None:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32)
+    return np.float32([k.pt for k in found]), desc
+
+
+def _one_to_one(key: np.ndarray, query: np.ndarray, db: np.ndarray,
+                distance: np.ndarray) -> np.ndarray:
+    """Indices of matches kept so that, per image pair ``key``, every keypoint is used once.
+
+    The closest match wins. Without this, many query keypoints matched to one database
+    keypoint fit a degenerate zero-scale transform with many "inliers".
+    """
+    keep = np.argsort(distance, kind="stable")
+    for ids in (query, db):
+        code = key[keep] * (int(ids.max(initial=0)) + 1) + ids[keep]
+        keep = keep[np.sort(np.unique(code, return_index=True)[1])]
+    return keep
+
+
+def _verify(query_points: np.ndarray, db_points: np.ndarray, key: np.ndarray,
+            images: int) -> list[tuple[int, int, int]]:
+    """RANSAC similarity inliers ``(query image, db image, inliers)`` of matches grouped by key.
+
+    ``key`` is ``query image * images + db image`` per (one-to-one) match; pairs with fewer than
+    ``PAIR_INLIERS`` matches or inliers, or a fitted zoom beyond 4x either way, are left out.
+    """
+    order = np.argsort(key, kind="stable")
+    key, query_points, db_points = key[order], query_points[order], db_points[order]
+    keys, starts, counts = np.unique(key, return_index=True, return_counts=True)
+    found = []
+    for k, start, count in zip(keys, starts, counts):
+        if count < PAIR_INLIERS:
+            continue
+        part = slice(start, start + count)
+        fit, inliers = cv2.estimateAffinePartial2D(query_points[part], db_points[part],
+                                                   method=cv2.RANSAC, ransacReprojThreshold=3.0)
+        if fit is None or not 0.25 <= np.hypot(fit[0, 0], fit[1, 0]) <= 4:
+            continue
+        n = int(inliers.sum())
+        if n >= PAIR_INLIERS:
+            found.append((int(k // images), int(k % images), n))
+    return found
+
+
+def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray,
+                 ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], int]]:
+    """Largest and summed verified inliers per pair of groups ``(a, b)``, ``a < b``, in one label.
+
+    Every image pair counts once, with its best inliers over both query directions and both
+    mirror states; the sum runs over the image pairs of the two groups.
+
+    Args:
+        features: SIFT ``(points, descriptors)`` of the representatives.
+        comp: group of each representative.
+    """
+    owner = np.concatenate([np.full(len(d), i) for i, (_, d) in enumerate(features)])
+    points = np.concatenate([p for p, _ in features])
+    desc = np.concatenate([d for _, d in features])
+    pair_best: dict[tuple[int, int], int] = {}
+    if len(desc) > NEIGHBOURS:
+        index = cv2.flann_Index(desc, {"algorithm": 1, "trees": 4})
+        mirrored = points.copy()
+        mirrored[:, 0] = SIZE - 1 - mirrored[:, 0]
+        for query, query_points in ((desc, points),
+                                    (np.ascontiguousarray(desc[:, _MIRROR]), mirrored)):
+            hits, distance = index.knnSearch(query, NEIGHBOURS, params={"checks": 64})
+            keep = comp[owner[hits]] != comp[owner][:, None]
+            rows, hits, distance = np.nonzero(keep)[0], hits[keep], distance[keep]
+            key = owner[rows].astype(np.int64) * len(features) + owner[hits]
+            kept = _one_to_one(key, rows, hits, distance)
+            rows, hits, key = rows[kept], hits[kept], key[kept]
+            for a, b, n in _verify(query_points[rows], points[hits], key, len(features)):
+                pair = (min(a, b), max(a, b))
+                pair_best[pair] = max(pair_best.get(pair, 0), n)
+    best: dict[tuple[int, int], int] = {}
+    total: dict[tuple[int, int], int] = {}
+    for (a, b), n in pair_best.items():
+        pair = (min(comp[a], comp[b]), max(comp[a], comp[b]))
+        best[pair] = max(best.get(pair, 0), n)
+        total[pair] = total.get(pair, 0) + n
+    return best, total
+
+
+def link_groups(paths: list[str], members: list[np.ndarray], component: np.ndarray,
+                small: int, workers: int) -> np.ndarray:
+    """Index pairs that join groups verified as copies by keypoint matching.
+
+    Args:
+        paths: image files.
+        members: index arrays of the images of each label (groups never span labels).
+        component: current group of each image.
+        small: groups smaller than this are joined to the group with the most summed inliers
+            (at least ``SMALL_EVIDENCE``); two groups at least this large join when one image
+            pair reaches ``LARGE_INLIERS``.
+        workers: threads for keypoint detection.
+
+    Returns:
+        int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
+    """
+    sizes = np.bincount(component)
+    chosen = []
+    for m in members:
+        for c in np.unique(component[m]):
+            inside = m[component[m] == c]
+            take = min(len(inside), REPRESENTATIVES if len(inside) >= small else small)
+            chosen.append(inside[np.linspace(0, len(inside) - 1, take).round().astype(int)])
+    chosen = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, int)
+    with ThreadPoolExecutor(workers) as pool:
+        sift = dict(zip(chosen.tolist(), pool.map(_sift, [paths[i] for i in chosen])))
+    first = {c: i for i, c in reversed(list(enumerate(component)))}
+    links = []
+    for m in members:
+        reps = m[np.isin(m, chosen)]
+        best, total = _label_links([sift[i] for i in reps], component[reps])
+        small_best: dict[int, tuple[int, int]] = {}
+        for (a, b), n in total.items():
+            if sizes[a] >= small and sizes[b] >= small:
+                if best[a, b] >= LARGE_INLIERS:
+                    links.append((first[a], first[b]))
+                continue
+            for one, other in ((a, b), (b, a)):
+                if sizes[one] < small and n >= max(SMALL_EVIDENCE, small_best.get(one, (0, 0))[1]):
+                    small_best[one] = (other, n)
+        links += [(first[one], first[other]) for one, (other, _) in small_best.items()]
+    return np.array(links, int).reshape(-1, 2)
