@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import csv
 import os
-import select
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +22,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
+from test_serving import launch, wait_ready
 
 from lungtf import demo, export
-from lungtf.client import LungClient, LungClientError, Prediction
+from lungtf.client import LungClient, Prediction
 from lungtf.config import ModelConfig
 from lungtf.constants import CLASS_NAMES
 from lungtf.models import build_model
@@ -150,50 +147,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, log_path: Path) -> subprocess.Popen:
-    """Start the dev server on a free loopback port; it polls ``base`` until a version appears."""
-    base.mkdir(parents=True)
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lungtf.serving",
-                "serve",
-                "--model-base-path",
-                str(base),
-                "--port",
-                "0",
-                "--poll-seconds",
-                "0.3",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-
-
-def wait_served(proc: subprocess.Popen, log_path: Path, timeout: float = 240.0) -> str:
-    """Read the server's ``listening on HOST:PORT`` line, then wait for an AVAILABLE version."""
-    deadline = time.monotonic() + timeout
-    target = ""
-    while not target and time.monotonic() < deadline and proc.poll() is None:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        line = proc.stdout.readline().decode() if ready else ""
-        target = line.split()[-1] if line.startswith("listening on ") else ""
-    client = LungClient(target or "127.0.0.1:1", timeout=5, retries=0)
-    while target and time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if demo.served_version(client.status()) is not None:
-                client.close()
-                return target
-        except LungClientError:
-            pass
-        time.sleep(0.3)
-    client.close()
-    proc.kill()
-    pytest.fail(f"dev server did not serve a version; log:\n{log_path.read_text()[-3000:]}")
-
-
 def unsaturated_model(tiles: list[Path], size: int = 32) -> keras.Model:
     """``build_model`` resnet34 (random weights, 32 px) with its ``logits`` kernel scaled so that
     the logits on ``tiles`` have standard deviation 2: an untrained resnet answers 1.0/0.0/0.0,
@@ -220,7 +173,10 @@ def live(
     The server starts first and imports TensorFlow while the model is built and exported.
     """
     root = tmp_path_factory.mktemp("demo")
-    proc = start_server(root / "lungtf", root / "server.log")
+    (root / "lungtf").mkdir(parents=True)
+    proc = launch(
+        ["--model-base-path", str(root / "lungtf"), "--poll-seconds", "0.3"], root / "server.log"
+    )
     try:
         shared = request.getfixturevalue("shared_data")
         tile = shared / "lung_aca" / "lungaca1.jpeg"
@@ -233,7 +189,7 @@ def live(
     examples = demo.find_examples([example_dir], per_source=4)
     tiles = [tile, *(Path(path) for path, _ in examples)]
     export.export_model(unsaturated_model(tiles), root / "lungtf", dict(METADATA))
-    target = wait_served(proc, root / "server.log")
+    target = wait_ready(proc, root / "server.log")
     backend = demo.DemoBackend(target)
     app = demo.build_app(backend, examples)
     url = demo.launch(app, "127.0.0.1", free_port(), examples, block=False)

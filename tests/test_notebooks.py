@@ -11,17 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import select
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
 from conftest import SHARED_DATA
 from nbclient import NotebookClient
+from test_serving import launch, wait_ready
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_data.ipynb", "02_evaluate.ipynb", "03_serving_client.ipynb")
@@ -102,25 +99,12 @@ def test_02_evaluate(tiny_run, tmp_path, monkeypatch, artifacts_dir):
 
 
 @pytest.fixture
-def dev_server(tiny_run):
+def dev_server(tiny_run, tmp_path):
     """``python -m lungtf.serving serve`` on a free loopback port, serving the tiny run's export."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lungtf.serving", "serve", "--model-base-path",
-         str(tiny_run / "best" / "saved_model"), "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline, seen = time.monotonic() + 300, []
+    log = tmp_path / "server.log"
+    proc = launch(["--model-base-path", str(tiny_run / "best" / "saved_model")], log)
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-            line = proc.stdout.readline() if ready else ""
-            if not line:
-                break
-            seen.append(line)
-            if line.startswith("listening on "):
-                yield line.split()[-1]
-                return
-        pytest.fail(f"dev server did not start: {''.join(seen)[-2000:]}")
+        yield wait_ready(proc, log)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -62,7 +62,7 @@ def launch(args: list[str], log_path: Path) -> subprocess.Popen:
         )
 
 
-def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> str:
+def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 240.0) -> str:
     """Read the ``listening on HOST:PORT`` line, then wait until version 1 is AVAILABLE."""
     deadline = time.monotonic() + timeout
     target = ""
