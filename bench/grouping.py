@@ -5,19 +5,27 @@ groups found vs true, the leak rate of an automatic 70/20/10 grouped split measu
 groups (share of test tiles whose true group also has a tile in train), the same for a random
 (leaky) split, and the wall time of the grouping.
 
-    .venv/bin/python bench/grouping.py [--data DIR] [--seeds 10]
+``--tiles N`` (N larger than the folder) times the grouping at scale, e.g. ``--tiles 15000``, the
+size of LC25000's lung subset: it adds generated copies made the way LC25000 made its tiles (a
+random source tile, flipped or not, rotated by up to 25 degrees and cropped to the largest
+centred square, resized back), each in its source's true group, written to a temporary folder.
+
+    .venv/bin/python bench/grouping.py [--data DIR] [--seeds 10] [--tiles 15000]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 from lungtf.constants import CLASS_NAMES
@@ -35,15 +43,49 @@ def true_leak(split: list[Record], truth: dict[str, str]) -> float:
     return sum(truth[r.path] in train for r in test) / len(test)
 
 
+def add_copies(rows: list[dict], root: Path, out: Path, total: int, seed: int = 0) -> list[dict]:
+    """Write ``total - len(rows)`` LC25000-style copies of random tiles to ``out``; their rows.
+
+    Each copy: a random source tile, mirrored with probability 0.5, rotated by U(-25, 25) degrees
+    and cropped to the largest centred square without corners, resized back (so it is also zoomed
+    by up to 1.33x about the centre), saved as JPEG. Its group is the source's true group.
+    """
+    rng = np.random.default_rng(seed)
+    added = []
+    for i in range(max(0, total - len(rows))):
+        row = rows[rng.integers(len(rows))]
+        with Image.open(root / row["path"]) as src:
+            image = src.convert("RGB")
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        angle = rng.uniform(-25, 25)
+        side = image.size[0]
+        inner = side / (abs(math.cos(math.radians(angle))) + abs(math.sin(math.radians(angle))))
+        box = ((side - inner) / 2, (side - inner) / 2, (side + inner) / 2, (side + inner) / 2)
+        image = image.rotate(angle, Image.BICUBIC).crop(box).resize((side, side), Image.BICUBIC)
+        path = out / row["label"] / f"copy{i:05d}.jpeg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+        added.append({"path": str(path), "label": row["label"], "group": row["group"]})
+    return added
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("LUNGTF_SHARED_DATA", DEFAULT_DATA),
                         help="folder with groups.csv and the class folders")
     parser.add_argument("--seeds", type=int, default=10, help="split seeds to average the leak over")
+    parser.add_argument("--tiles", type=int, default=0,
+                        help="grow the set to this many tiles with generated copies (timing at scale)")
     args = parser.parse_args()
     root = Path(args.data)
     with open(root / "groups.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
+    scratch = tempfile.TemporaryDirectory(prefix="lungtf-grouping-")
+    if args.tiles > len(rows):
+        copies = add_copies(rows, root, Path(scratch.name), args.tiles)
+        print(f"{len(rows)} real tiles + {len(copies)} generated copies in {scratch.name}")
+        rows += copies
     paths = [str(root / row["path"]) for row in rows]
     labels = [row["label"] for row in rows]
     truth = {p: row["group"] for p, row in zip(paths, rows)}

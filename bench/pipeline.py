@@ -2,7 +2,9 @@
 
 Measures, back to back in one run, ``lungtf.data.pipeline.make_dataset(training=True)`` with
 decode + squish-resize alone and with the default augmentation (``lungtf.config.DEFAULT_AUGMENT``:
-flips + rotation <= 10 degrees), at 224 px and batch 64 by default. The first ``--warmup`` batches
+random horizontal and vertical flips, and a rotation of up to 10 degrees for 75% of the tiles, as
+fastai's ``aug_transforms``), at 224 px and batch 64 by default: 8-bit batches, as training gets
+them (the model casts to float32 on the device). The first ``--warmup`` batches
 (graph tracing, XLA compilation, thread start-up, file cache) are not timed. Besides wall-clock
 img/s it prints the process CPU time per image, a figure less distorted when other jobs share
 the cores (the load average is printed too): on N free cores, throughput would be about
@@ -21,8 +23,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from lungtf.config import DEFAULT_AUGMENT
+from lungtf.data.augment import build_augmenter
 from lungtf.data.ingest import load_records
-from lungtf.data.pipeline import build_augmenter, make_dataset
+from lungtf.data.pipeline import make_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lc25000-lung-224"
 

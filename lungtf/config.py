@@ -26,7 +26,7 @@ AUGMENTATIONS: tuple[str, ...] = (
     "brightness",
     "contrast",
 )
-"""Augmentation names a config may list (see ``lungtf.data.pipeline.build_augmenter``)."""
+"""Augmentation names a config may list (see ``lungtf.data.augment.build_augmenter``)."""
 
 DEFAULT_AUGMENT: tuple[str, ...] = ("flip_horizontal", "flip_vertical", "rotate")
 """The study's augmentation: horizontal and vertical flips, rotation up to 10 degrees."""
@@ -52,6 +52,8 @@ class DataConfig:
         cache: cache decoded images in memory after the first epoch.
         augment: augmentation names applied to training batches, from ``AUGMENTATIONS``.
         rotation_degrees: the largest rotation of the ``rotate`` augmentation.
+        rotation_probability: share of training tiles that ``rotate`` rotates (the others are
+            only flipped); 0.75 is fastai's ``p_affine``, the study's setting.
     """
 
     data: str | None = None
@@ -64,6 +66,7 @@ class DataConfig:
     cache: bool = False
     augment: tuple[str, ...] = DEFAULT_AUGMENT
     rotation_degrees: float = 10.0
+    rotation_probability: float = 0.75
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, what it got and what is allowed."""
@@ -79,6 +82,10 @@ class DataConfig:
             _check_choice("augment", name, AUGMENTATIONS)
         if not 0 <= self.rotation_degrees <= 180:
             raise ValueError(f"rotation_degrees must be in 0..180; got {self.rotation_degrees}")
+        if not 0 <= self.rotation_probability <= 1:
+            raise ValueError(
+                f"rotation_probability must be in 0..1; got {self.rotation_probability}"
+            )
 
 
 @dataclass(frozen=True)
@@ -367,7 +374,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         loaded = yaml.safe_load(fh) or {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path} must hold a YAML mapping; got {type(loaded).__name__}")
+        # a bad file is a bad value of --config, reported like every other config error
+        raise ValueError(f"{path} must hold a YAML mapping; got {type(loaded).__name__}")  # noqa: TRY004
     return loaded
 
 

@@ -30,6 +30,7 @@ def test_class_names_and_cancer_mapping():
         (DataConfig(ratios=(0.5, 0.5, 0.5)), "sum to 1"),
         (DataConfig(image_size=8), "image_size"),
         (DataConfig(augment=("flip_horizontal", "mixup")), "mixup"),
+        (DataConfig(rotation_probability=1.5), "rotation_probability must be in 0..1; got 1.5"),
         (ModelConfig(weights="/no/such/file.weights.h5"), "/no/such/file"),
         (ModelConfig(dropout=1.0), "dropout"),
     ],

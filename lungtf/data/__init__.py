@@ -5,5 +5,6 @@ Submodules (import what you need; importing this package does not import TensorF
     download: fetch LC25000 with kagglehub.
     grouping: detect near-duplicate groups (flips, rotations, mild crop/brightness changes).
     split: stratified grouped splits, split manifests and the leak audit.
-    pipeline: tf.data input pipeline, batch augmentation and ``show_batch``.
+    augment: batch augmentation layers (flips/rotation warp, stain and colour jitter).
+    pipeline: tf.data input pipeline and ``show_batch``.
 """

@@ -96,7 +96,7 @@ def load_pixels(records: list, image_size: int) -> np.ndarray:
     from lungtf.data.pipeline import make_dataset
 
     ds = make_dataset(records, image_size, max(1, len(records)), training=False)
-    return np.concatenate([x.numpy() for x, _ in ds])
+    return np.concatenate([x.numpy() for x, _ in ds]).astype(np.float32)
 
 
 def _calibrate(model: LoadedModel, args, manifest: Path, y_true, raw) -> dict:

@@ -40,12 +40,8 @@ def caffe_preprocess(variant: str) -> keras.layers.Layer:
     "resnet50",
     preprocess=caffe_preprocess,
     preprocessing="caffe: RGB->BGR, minus ImageNet mean (103.939, 116.779, 123.68), no scaling",
-    default_size=224,
     default_variant="50",
-    variants=("50",),
     from_scratch=False,
-    imagenet=True,
-    finetune_batchnorm=False,
     description="keras.applications ResNet50 (v1), transfer learning from ImageNet",
 )
 def resnet50(variant: str, input_shape: tuple[int, int, int], weights: str | None = None):
@@ -57,12 +53,9 @@ def resnet50(variant: str, input_shape: tuple[int, int, int], weights: str | Non
     "efficientnetv2",
     preprocess=lambda variant: keras.layers.Identity(name="preprocess"),
     preprocessing="identity here; EfficientNetV2's own Rescaling (+ Normalization for B*) inside",
-    default_size=224,
     default_variant="b0",
     variants=tuple(EFFICIENTNETV2),
     from_scratch=False,
-    imagenet=True,
-    finetune_batchnorm=False,
     description="keras.applications EfficientNetV2 (B0 default, S selectable), transfer learning",
 )
 def efficientnetv2(variant: str, input_shape: tuple[int, int, int], weights: str | None = None):

@@ -119,16 +119,24 @@ class BackboneSpec:
         return chosen
 
 
-def register_backbone(name: str, **spec_fields) -> Callable:
+def register_backbone(
+    name: str, *, from_scratch: bool, default_size: int = 224, **spec_fields
+) -> Callable:
     """Decorator registering ``build`` under ``name`` with the remaining ``BackboneSpec`` fields.
+
+    ``variants`` defaults to the default variant alone, ``imagenet`` to ``not from_scratch`` and
+    ``finetune_batchnorm`` to ``from_scratch`` (pretrained backbones keep their ImageNet
+    BatchNorm statistics when fine-tuned).
 
     Example::
 
-        @register_backbone("resnet34", preprocess=..., preprocessing="...", default_size=224,
-                           default_variant="34", variants=("34",), from_scratch=True,
-                           imagenet=False, finetune_batchnorm=True, description="...")
+        @register_backbone("resnet34", preprocess=..., preprocessing="...", default_variant="34",
+                           from_scratch=True, description="...")
         def resnet34(variant, input_shape): ...
     """
+    spec_fields = {"variants": (spec_fields.get("default_variant"),),
+                   "imagenet": not from_scratch, "finetune_batchnorm": from_scratch,
+                   **spec_fields, "from_scratch": from_scratch, "default_size": default_size}
 
     def decorator(build: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
         if name in _REGISTRY:

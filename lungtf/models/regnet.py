@@ -27,7 +27,13 @@ import numpy as np
 import tensorflow as tf
 
 from lungtf.models.registry import register_backbone
-from lungtf.models.resnet import CONV_INIT, conv_bn, imagenet_preprocess
+from lungtf.models.resnet import (
+    CONV_INIT,
+    IMAGENET_PREPROCESSING,
+    conv_bn,
+    imagenet_preprocess,
+    residual,
+)
 
 STEM_WIDTH = 32
 SE_RATIO = 0.25
@@ -162,9 +168,6 @@ class GroupedConv2D(keras.layers.Layer):
 def y_block(x, width: int, stride: int, group_width: int, name: str):
     """One RegNetY residual bottleneck block (bottleneck ratio 1) with squeeze-and-excitation."""
     width_in = x.shape[-1]
-    shortcut = x
-    if stride != 1 or width_in != width:
-        shortcut = conv_bn(x, width, 1, stride, f"{name}_proj", relu=False)
     y = conv_bn(x, width, 1, 1, f"{name}_a")
     y = GroupedConv2D(
         width, 3, stride, group_width, kernel_initializer=CONV_INIT, name=f"{name}_b_conv"
@@ -181,20 +184,16 @@ def y_block(x, width: int, stride: int, group_width: int, name: str):
     )(se)
     y = keras.layers.Multiply(name=f"{name}_se_scale")([y, se])
     y = conv_bn(y, width, 1, 1, f"{name}_c", relu=False)
-    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
-    return keras.layers.ReLU(name=f"{name}_out")(y)
+    return residual(x, y, width, stride, name)
 
 
 @register_backbone(
     "regnet",
     preprocess=imagenet_preprocess,
-    preprocessing="torch-style: (pixels - ImageNet mean) / ImageNet std, in 0-255 units",
-    default_size=224,
+    preprocessing=IMAGENET_PREPROCESSING,
     default_variant="1.6gf",
     variants=tuple(REGNETY),
     from_scratch=True,
-    imagenet=False,
-    finetune_batchnorm=True,
     description="RegNetY written in this project from the RegNet paper, trained from scratch",
 )
 def regnet(variant: str, input_shape: tuple[int, int, int]) -> keras.Model:

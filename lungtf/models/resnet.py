@@ -25,6 +25,10 @@ RESNET34_DEPTHS = (3, 4, 6, 3)
 RESNET34_WIDTHS = (64, 128, 256, 512)
 
 
+IMAGENET_PREPROCESSING = "torch-style: (pixels - ImageNet mean) / ImageNet std, in 0-255 units"
+"""What ``imagenet_preprocess`` does, as the backbone specs state it."""
+
+
 def imagenet_preprocess(variant: str) -> keras.layers.Layer:
     """Torch-style ImageNet mean/std normalisation of raw pixels, named ``preprocess``."""
     return PixelNormalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, name="preprocess")
@@ -40,27 +44,26 @@ def conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = T
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
+def residual(x, y, filters: int, stride: int, name: str):
+    """``ReLU(shortcut(x) + y)``: identity shortcut, or a 1x1 projection when the shape changes."""
+    if stride != 1 or x.shape[-1] != filters:
+        x = conv_bn(x, filters, 1, stride, f"{name}_proj", relu=False)
+    return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([x, y]))
+
+
 def basic_block(x, filters: int, stride: int, name: str):
     """Two 3x3 convolutions plus a shortcut (1x1 projection when the shape changes), then ReLU."""
-    shortcut = x
-    if stride != 1 or x.shape[-1] != filters:
-        shortcut = conv_bn(x, filters, 1, stride, f"{name}_proj", relu=False)
     y = conv_bn(x, filters, 3, stride, f"{name}_1")
     y = conv_bn(y, filters, 3, 1, f"{name}_2", relu=False)
-    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
-    return keras.layers.ReLU(name=f"{name}_out")(y)
+    return residual(x, y, filters, stride, name)
 
 
 @register_backbone(
     "resnet34",
     preprocess=imagenet_preprocess,
-    preprocessing="torch-style: (pixels - ImageNet mean) / ImageNet std, in 0-255 units",
-    default_size=224,
+    preprocessing=IMAGENET_PREPROCESSING,
     default_variant="34",
-    variants=("34",),
     from_scratch=True,
-    imagenet=False,
-    finetune_batchnorm=True,
     description="a basic-block ResNet34 written in this project, trained from scratch",
 )
 def resnet34(variant: str, input_shape: tuple[int, int, int]) -> keras.Model:

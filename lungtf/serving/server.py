@@ -93,23 +93,18 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             context,
         )
 
-    def Classify(self, request: Any, context: Any) -> Any:
+    def _not_predict(self, method: str, request: Any, context: Any) -> Any:
+        """Classify/Regress: TF Serving's answer for a model that has only predict signatures."""
         return _answer(
-            lambda r: handlers.not_predict(
-                self.manager.table(), r.model_spec, "classify", self.labels
-            ),
-            request,
-            context,
+            lambda r: handlers.not_predict(self.manager.table(), r.model_spec, method, self.labels),
+            request, context,
         )
 
+    def Classify(self, request: Any, context: Any) -> Any:
+        return self._not_predict("classify", request, context)
+
     def Regress(self, request: Any, context: Any) -> Any:
-        return _answer(
-            lambda r: handlers.not_predict(
-                self.manager.table(), r.model_spec, "regress", self.labels
-            ),
-            request,
-            context,
-        )
+        return self._not_predict("regress", request, context)
 
     def MultiInference(self, request: Any, context: Any) -> Any:
         def run(r: Any) -> None:

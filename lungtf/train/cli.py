@@ -70,19 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", action="store_true", default=None, help="cache decoded tiles")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument(
-        "--jit-compile",
-        type=_flag_bool,
-        choices=("auto", True, False),
-        help="XLA: auto (on with a GPU), true, false",
-    )
+    auto_flag = {"type": _flag_bool, "choices": ("auto", True, False)}
+    p.add_argument("--jit-compile", help="XLA: auto (on with a GPU), true, false", **auto_flag)
     p.add_argument("--distribution", choices=DISTRIBUTIONS)
-    p.add_argument(
-        "--device-augment",
-        type=_flag_bool,
-        choices=("auto", True, False),
-        help="augment inside the training step: auto (with a GPU), true, false",
-    )
+    p.add_argument("--device-augment", **auto_flag,
+                   help="augment inside the training step: auto (with a GPU), true, false")
     p.add_argument("--output", help="folder of run directories (default runs)")
     p.add_argument("--name", help="run name (default train)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")

@@ -25,7 +25,8 @@ import tensorflow as tf
 
 from lungtf.config import AUTO, RunConfig
 from lungtf.constants import NUM_CLASSES
-from lungtf.data.pipeline import build_augmenter, make_dataset
+from lungtf.data.augment import build_augmenter
+from lungtf.data.pipeline import make_dataset
 from lungtf.models import build_model, freeze_backbone, get_spec, unfreeze_backbone
 from lungtf.train.callbacks import Throughput, make_callbacks, plot_curves, read_history
 from lungtf.train.compare import evaluate_records
@@ -185,7 +186,7 @@ def train_backbone(
         weights = "none"
     mcfg = replace(run.model, backbone=name, variant=variant, weights=weights)
     d = run.data
-    augmenter = build_augmenter(d.augment, d.rotation_degrees, seed=d.seed)
+    augmenter = build_augmenter(d.augment, d.rotation_degrees, d.rotation_probability, d.seed)
     train_ds = _one_hot(
         make_dataset(
             splits["train"],

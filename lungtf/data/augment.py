@@ -1,0 +1,281 @@
+"""Training augmentation: Keras 3 layers that take and return float32 0-255 batches.
+
+The layers are written with ``keras.ops`` and act on whole batches, so they run wherever the
+caller puts them: inside the training step on an accelerator (``--device-augment``), or in the
+``tf.data`` pipeline on the host (``make_dataset``). Which ones run is chosen in the config
+(``DataConfig.augment``), never in code: ``build_augmenter`` turns the names into layers.
+
+Geometry (flips and rotation) is one warp, ``RandomFlipRotate``, whose random draw and pixel work
+are separate so that the pipeline can draw in order (reproducible) and warp in parallel with
+OpenCV (``warp_host``). Colour layers (HED stain jitter, HSV jitter, brightness, contrast) are
+plain batch layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import cv2
+import keras
+import numpy as np
+from keras import ops
+
+from lungtf.config import AUGMENTATIONS
+
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
+"""Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical density."""
+
+
+def _per_image_uniform(
+    images, generator: keras.random.SeedGenerator, low: float, high: float, channels: int = 1
+):
+    """One uniform draw per image (and channel), shaped to broadcast over ``[B, H, W, C]``."""
+    batch = ops.shape(images)[0]
+    return keras.random.uniform((batch, 1, 1, channels), low, high, seed=generator)
+
+
+def _reflect(coord, size: int):
+    """Mirror a sampling coordinate at the image border (mode ``d c b a | a b c d``).
+
+    One reflection suffices: a flip or rotation about the centre never samples further than
+    0.21 image sides outside the image.
+    """
+    coord = ops.where(coord < -0.5, -1.0 - coord, coord)
+    return ops.where(coord > size - 0.5, 2.0 * size - 1.0 - coord, coord)
+
+
+@keras.saving.register_keras_serializable(package="lungtf")
+class RandomFlipRotate(keras.layers.Layer):
+    """Random horizontal/vertical flips and a rotation, as one bilinear warp of the batch.
+
+    Each output pixel ``p`` samples the input at ``A p + t``, the image's inverse affine map
+    (flips times rotation about the centre); the border is mirrored (``d c b a | a b c d``), so no
+    black corners reach the model, and flips alone are exact. The work is split in two so that
+    the random draw and the pixel work can run in different places:
+
+    - ``transforms(batch)`` draws the maps from the layer's seeded stream (cheap; sequential, so
+      a run is reproducible given ``seed``);
+    - ``warp(images, maps)`` applies them with four gathers in ``keras.ops`` (any backend or
+      device, XLA-compilable), and ``warp_host`` applies the same maps with OpenCV on a host CPU,
+      where it is several times faster than gathers.
+
+    ``call`` is ``warp(images, transforms(batch))``; ``make_dataset`` uses ``warp_host``.
+
+    Args:
+        horizontal: flip left-right with probability 0.5.
+        vertical: flip top-bottom with probability 0.5.
+        max_degrees: rotate by an angle drawn uniformly from ``[-max_degrees, max_degrees]``.
+        probability: share of images that are rotated; the others are only flipped (exactly).
+            fastai's ``aug_transforms`` rotates with ``p_affine=0.75``.
+        seed: seed of the layer's random stream.
+    """
+
+    def __init__(self, horizontal=True, vertical=True, max_degrees=10.0, probability=1.0,
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.horizontal, self.vertical = bool(horizontal), bool(vertical)
+        self.max_degrees, self.probability, self.seed = float(max_degrees), float(probability), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def transforms(self, batch, height, width):
+        """Draw one inverse map per image for ``[batch, height, width, C]`` images.
+
+        Returns:
+            float32 ``[batch, 6]`` rows ``(a0, a1, a2, b0, b1, b2)``: output pixel ``(x, y)``
+            samples the input at ``(a0 x + a1 y + a2, b0 x + b1 y + b2)`` (pixel centres at
+            integer coordinates, OpenCV's ``WARP_INVERSE_MAP`` convention).
+        """
+
+        def sign(enabled):
+            if not enabled:
+                return ops.ones((batch,))
+            draw = keras.random.uniform((batch,), seed=self.generator)
+            return ops.where(draw < 0.5, -1.0, 1.0)
+
+        sx, sy = sign(self.horizontal), sign(self.vertical)
+        limit = self.max_degrees * math.pi / 180.0
+        angle = keras.random.uniform((batch,), -limit, limit, seed=self.generator)
+        rotate = keras.random.uniform((batch,), seed=self.generator) < self.probability
+        angle = ops.where(rotate, angle, 0.0)
+        cos, sin = ops.cos(angle), ops.sin(angle)
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        return ops.stack([
+            sx * cos, -sx * sin, cx - sx * (cos * cx - sin * cy),
+            sy * sin, sy * cos, cy - sy * (sin * cx + cos * cy),
+        ], axis=1)
+
+    def warp(self, images, maps):
+        """Apply ``maps`` (see ``transforms``) to float ``[B, H, W, C]`` images by bilinear gathers."""
+        batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
+        y, x = ops.meshgrid(ops.arange(height, dtype="float32"), ops.arange(width, dtype="float32"),
+                            indexing="ij")
+        a0, a1, a2, b0, b1, b2 = (ops.reshape(maps[:, i], (-1, 1, 1)) for i in range(6))
+        src_x = _reflect(a0 * x + a1 * y + a2, width)
+        src_y = _reflect(b0 * x + b1 * y + b2, height)
+        x0, y0 = ops.floor(src_x), ops.floor(src_y)
+        fx, fy = ops.expand_dims(src_x - x0, -1), ops.expand_dims(src_y - y0, -1)
+        x0, y0 = ops.cast(x0, "int32"), ops.cast(y0, "int32")
+        x1, y1 = ops.clip(x0 + 1, 0, width - 1), ops.clip(y0 + 1, 0, height - 1)
+        x0, y0 = ops.clip(x0, 0, width - 1), ops.clip(y0, 0, height - 1)
+        pixels = ops.reshape(images, (-1, ops.shape(images)[3]))
+        offset = ops.reshape(ops.arange(batch, dtype="int32") * (height * width), (-1, 1, 1))
+
+        def at(row, col):
+            return ops.take(pixels, offset + row * width + col, axis=0)
+
+        top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx
+        bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx
+        return top * (1.0 - fy) + bottom * fy
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        maps = self.transforms(ops.shape(images)[0], images.shape[1], images.shape[2])
+        return self.warp(images, maps)
+
+    def get_config(self):
+        return {**super().get_config(), "horizontal": self.horizontal, "vertical": self.vertical,
+                "max_degrees": self.max_degrees, "probability": self.probability, "seed": self.seed}
+
+
+def warp_host(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """``RandomFlipRotate.warp`` on the host CPU with OpenCV: the same maps, bilinear, mirrored border.
+
+    OpenCV interpolates 8-bit images in fixed point (1/32-pixel positions), so results differ from
+    ``warp`` by at most a few grey levels where the image has sharp edges. A map that is only a
+    flip is applied as an exact flip, several times faster than a warp.
+
+    Args:
+        images: ``uint8 [B, H, W, C]``.
+        maps: ``[B, 6]`` from ``RandomFlipRotate.transforms``.
+
+    Returns:
+        ``uint8 [B, H, W, C]``.
+    """
+    out = np.empty_like(images)
+    height, width = images.shape[1:3]
+    for i, (image, row) in enumerate(zip(images, np.asarray(maps, np.float64))):
+        flip_x, flip_y = row[0] == -1, row[4] == -1
+        if row[1] == 0 and row[3] == 0 and abs(row[0]) == 1 and abs(row[4]) == 1:
+            if flip_x or flip_y:  # flips only: exact, no interpolation (OpenCV's flip codes)
+                cv2.flip(image, -1 if flip_x and flip_y else 1 if flip_x else 0, dst=out[i])
+            else:
+                out[i] = image
+        else:
+            cv2.warpAffine(image, row.reshape(2, 3), (width, height), dst=out[i],
+                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REFLECT)
+    return out
+
+
+@keras.saving.register_keras_serializable(package="lungtf")
+class RandomHEDJitter(keras.layers.Layer):
+    """H&E stain jitter in HED colour space (Tellez et al. 2018, Ruifrok-Johnston deconvolution).
+
+    Pixels become optical densities ``-log((x + 1) / 256)``, are unmixed into haematoxylin, eosin
+    and DAB amounts, each amount is scaled by ``U(1 - alpha, 1 + alpha)`` and shifted by
+    ``U(-beta, beta)`` per image, and the result is mixed back into 0-255 RGB.
+
+    Args:
+        alpha: largest relative change of a stain's amount.
+        beta: largest additive change of a stain's optical density.
+        seed: seed of the layer's random stream.
+    """
+
+    def __init__(self, alpha=0.05, beta=0.05, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha, self.beta, self.seed = float(alpha), float(beta), seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        od = -ops.log((ops.clip(images, 0.0, 255.0) + 1.0) / 256.0)
+        stains = ops.einsum("bhwc,cs->bhws", od, np.linalg.inv(RGB_FROM_HED))
+        scale = _per_image_uniform(images, self.generator, 1 - self.alpha, 1 + self.alpha, 3)
+        shift = _per_image_uniform(images, self.generator, -self.beta, self.beta, 3)
+        od = ops.einsum("bhws,sc->bhwc", stains * scale + shift, RGB_FROM_HED)
+        return ops.clip(ops.exp(-od) * 256.0 - 1.0, 0.0, 255.0)
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="lungtf")
+class RandomHSVJitter(keras.layers.Layer):
+    """Per-image jitter of hue (shift), saturation and value (scale) on 0-255 RGB batches.
+
+    Args:
+        hue: largest hue shift, as a fraction of the colour wheel.
+        saturation: largest relative change of saturation.
+        value: largest relative change of value (brightness).
+        seed: seed of the layer's random stream.
+    """
+
+    def __init__(self, hue=0.02, saturation=0.1, value=0.1, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.hue, self.saturation, self.value = float(hue), float(saturation), float(value)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        hsv = ops.image.rgb_to_hsv(ops.clip(images, 0.0, 255.0) / 255.0)
+        h, s, v = ops.split(hsv, 3, axis=-1)
+        h = ops.mod(h + _per_image_uniform(images, self.generator, -self.hue, self.hue), 1.0)
+        s = s * _per_image_uniform(images, self.generator, 1 - self.saturation, 1 + self.saturation)
+        v = v * _per_image_uniform(images, self.generator, 1 - self.value, 1 + self.value)
+        hsv = ops.clip(ops.concatenate([h, s, v], axis=-1), 0.0, 1.0)
+        return ops.image.hsv_to_rgb(hsv) * 255.0
+
+    def get_config(self):
+        return {**super().get_config(), "hue": self.hue, "saturation": self.saturation,
+                "value": self.value, "seed": self.seed}
+
+
+def build_augmenter(
+    names: Sequence[str],
+    rotation_degrees: float = 10.0,
+    rotation_probability: float = 0.75,
+    seed: int = 42,
+) -> keras.Sequential | None:
+    """Build the training augmentation from names in ``lungtf.config.AUGMENTATIONS``.
+
+    Flips and rotation share one warp (``RandomFlipRotate``); colour layers follow in a fixed
+    order (stain, HSV, brightness, contrast) whatever the order of ``names``. All layers take and
+    return float32 0-255 batches ``[B, H, W, 3]``.
+
+    Args:
+        names: augmentation names, e.g. ``lungtf.config.DEFAULT_AUGMENT``; empty means none.
+        rotation_degrees: the largest rotation of ``rotate``.
+        rotation_probability: share of images ``rotate`` rotates (fastai's ``p_affine``).
+        seed: base seed; each layer gets its own stream derived from it.
+
+    Returns:
+        A ``keras.Sequential`` named ``augment``, or ``None`` when ``names`` is empty.
+
+    Raises:
+        ValueError: an unknown name (the message lists the allowed ones).
+    """
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; allowed are {', '.join(AUGMENTATIONS)}")
+    chosen = set(names)
+    layers: list[keras.Layer] = []
+    if chosen & {"flip_horizontal", "flip_vertical", "rotate"}:
+        layers.append(RandomFlipRotate(
+            "flip_horizontal" in chosen, "flip_vertical" in chosen,
+            rotation_degrees if "rotate" in chosen else 0.0, rotation_probability, seed=seed,
+            name="flip_rotate",
+        ))
+    if "hed_jitter" in chosen:
+        layers.append(RandomHEDJitter(seed=seed + 1, name="hed_jitter"))
+    if "hsv_jitter" in chosen:
+        layers.append(RandomHSVJitter(seed=seed + 2, name="hsv_jitter"))
+    if "brightness" in chosen:
+        layers.append(keras.layers.RandomBrightness(0.1, (0, 255), seed=seed + 3, name="brightness"))
+    if "contrast" in chosen:
+        layers.append(keras.layers.RandomContrast(0.1, (0, 255), seed=seed + 4, name="contrast"))
+    return keras.Sequential(layers, name="augment") if layers else None
