@@ -21,7 +21,9 @@ learned features and no downloads:
 5. Copies zoomed about an off-centre point, cropped or translated share no centre with their
    source, so the log-polar match misses them: ``keypoints.link_groups`` joins groups whose
    SIFT keypoints agree under a RANSAC similarity fit (a small group to the group it matches
-   best, two large groups only on strong evidence).
+   best, two large groups only on strong evidence); a group still small, or an image joined only
+   by a colour-gated correlation, is then matched directly (``keypoints.join_unsure``) against
+   the groups of its nearest images by descriptor.
 6. Groups still small join the large group of closest stain colour: splitting a true group
    leaks while merging two does not.
 
@@ -231,6 +233,18 @@ class _Prepared:
             queries = [m[sizes[m] < small] for m in self.members]
         return pairs, scores
 
+    def nearest(self, k: int) -> np.ndarray:
+        """``[N, k]`` indices of each image's ``k`` nearest images of its label by descriptor.
+
+        Rows of labels with ``k`` or fewer other images are padded with the image's own index.
+        """
+        nearest = np.repeat(np.arange(len(self.colour))[:, None], k, axis=1)
+        for m in self.members:
+            found = _neighbours(self.features.descriptor, m, m, k)
+            if len(found):
+                nearest[m, : len(found) // len(m)] = found[:, 1].reshape(len(m), -1)
+        return nearest
+
     def attach(self, component: np.ndarray, small: int, max_distance: float) -> np.ndarray:
         """Join each group smaller than ``small`` to the large group of closest stain colour.
 
@@ -317,9 +331,11 @@ def detect_groups(
 
     Groups are the connected components of the ``near_duplicates`` pairs, joined further where
     ``keypoints.link_groups`` verifies SIFT matches between them (off-centre zoom, crop,
-    translation); then every group still smaller than ``small`` joins the large group (same
-    label) of closest stain colour when that colour distance is below ``attach`` (erring on the
-    side of merging: splitting a true group leaks, merging two does not).
+    translation) and where ``keypoints.join_unsure`` matches a small group, or an image joined
+    only by a colour-gated correlation, directly against the groups of its nearest images; then
+    every group still smaller than ``small`` joins the large group (same label) of closest stain
+    colour when that colour distance is below ``attach`` (erring on the side of merging:
+    splitting a true group leaks, merging two does not).
 
     Args:
         paths: image files.
@@ -340,11 +356,18 @@ def detect_groups(
     prepared = _Prepared(paths, labels, workers)
     settings = {"threshold": THRESHOLD, "low_threshold": LOW_THRESHOLD,
                 "colour_gate": COLOUR_GATE, "neighbours": 20, "retry_neighbours": 60, **options}
-    pairs, _ = prepared.pairs(small=small, **settings)
-    extra = keypoints.link_groups(paths, prepared.members, components(pairs, len(paths)), small,
-                                  prepared.workers)
-    component = prepared.attach(components(np.concatenate([pairs, extra]), len(paths)), small,
-                                attach)
+    pairs, scores = prepared.pairs(small=small, **settings)
+    weak = np.setdiff1d(pairs, pairs[scores > settings["threshold"]])  # only colour-gated pairs
+    sift = keypoints.SiftCache(paths, prepared.workers)
+    pairs = np.concatenate([pairs, keypoints.link_groups(
+        sift, prepared.members, components(pairs, len(paths)), small)])
+    component = components(pairs, len(paths))
+    sizes = np.bincount(component)
+    units = [np.flatnonzero(component == c) for c in np.flatnonzero((sizes > 0) & (sizes < small))]
+    units += [np.array([i]) for i in weak if sizes[component[i]] >= small]
+    pairs = np.concatenate([pairs, keypoints.join_unsure(
+        sift, component, units, prepared.nearest(settings["retry_neighbours"]), small)])
+    component = prepared.attach(components(pairs, len(paths)), small, attach)
     names: dict[int, str] = {}
     out = []
     for index, comp in enumerate(component):
