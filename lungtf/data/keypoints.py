@@ -113,7 +113,19 @@ def _verify(query_points: np.ndarray, db_points: np.ndarray, key: np.ndarray,
     return found
 
 
-def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray,
+def _knn(index: cv2.flann_Index, query: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """``NEIGHBOURS`` nearest indexed descriptors of each query row, searched in parallel chunks.
+
+    A FLANN search only reads the index, and OpenCV releases the GIL while it runs.
+    """
+    chunks = np.array_split(query, max(1, min(workers, len(query) // 1000)))
+    with ThreadPoolExecutor(workers) as pool:
+        found = list(pool.map(
+            lambda part: index.knnSearch(part, NEIGHBOURS, params={"checks": 64}), chunks))
+    return np.concatenate([h for h, _ in found]), np.concatenate([d for _, d in found])
+
+
+def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray, workers: int,
                  ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], int]]:
     """Largest and summed verified inliers per pair of groups ``(a, b)``, ``a < b``, in one label.
 
@@ -123,6 +135,7 @@ def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray
     Args:
         features: SIFT ``(points, descriptors)`` of the representatives.
         comp: group of each representative.
+        workers: threads for the descriptor search.
     """
     owner = np.concatenate([np.full(len(d), i) for i, (_, d) in enumerate(features)])
     points = np.concatenate([p for p, _ in features])
@@ -134,7 +147,7 @@ def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray
         mirrored[:, 0] = SIZE - 1 - mirrored[:, 0]
         for query, query_points in ((desc, points),
                                     (np.ascontiguousarray(desc[:, _MIRROR]), mirrored)):
-            hits, distance = index.knnSearch(query, NEIGHBOURS, params={"checks": 64})
+            hits, distance = _knn(index, np.ascontiguousarray(query), workers)
             keep = comp[owner[hits]] != comp[owner][:, None]
             rows, hits, distance = np.nonzero(keep)[0], hits[keep], distance[keep]
             key = owner[rows].astype(np.int64) * len(features) + owner[hits]
@@ -175,7 +188,7 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
     links = []
     for m in members:
         reps = m[np.isin(m, chosen)]
-        best, total = _label_links(sift.get(reps), component[reps])
+        best, total = _label_links(sift.get(reps), component[reps], sift.workers)
         small_best: dict[int, tuple[int, int]] = {}
         for (a, b), n in total.items():
             if sizes[a] >= small and sizes[b] >= small:
