@@ -57,8 +57,9 @@ class SiftCache:
         """``(points, descriptors)`` of the images ``indices`` (indices into ``paths``)."""
         indices = [int(i) for i in indices]
         missing = sorted(set(indices) - set(self.features))
-        with ThreadPoolExecutor(self.workers) as pool:
-            self.features.update(zip(missing, pool.map(_sift, [self.paths[i] for i in missing])))
+        if missing:
+            with ThreadPoolExecutor(self.workers) as pool:
+                self.features.update(zip(missing, pool.map(_sift, [self.paths[i] for i in missing])))
         return [self.features[i] for i in indices]
 
 
@@ -72,6 +73,22 @@ def _sift(path: str) -> tuple[np.ndarray, np.ndarray]:
     if desc is None:
         return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32)
     return np.float32([k.pt for k in found]), desc
+
+
+def _mirror(points: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints and descriptors of the left-right mirrored image, from the image's own."""
+    mirrored = points.copy()
+    mirrored[:, 0] = SIZE - 1 - mirrored[:, 0]
+    return mirrored, np.ascontiguousarray(desc[:, _MIRROR])
+
+
+def _similarity_inliers(source: np.ndarray, target: np.ndarray) -> int:
+    """RANSAC inliers of a similarity fit ``source -> target``; 0 if it fails or zooms beyond 4x."""
+    fit, inliers = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC,
+                                               ransacReprojThreshold=3.0)
+    if fit is None or not 0.25 <= np.hypot(fit[0, 0], fit[1, 0]) <= 4:
+        return 0
+    return int(inliers.sum())
 
 
 def _one_to_one(key: np.ndarray, query: np.ndarray, db: np.ndarray,
@@ -103,11 +120,7 @@ def _verify(query_points: np.ndarray, db_points: np.ndarray, key: np.ndarray,
         if count < PAIR_INLIERS:
             continue
         part = slice(start, start + count)
-        fit, inliers = cv2.estimateAffinePartial2D(query_points[part], db_points[part],
-                                                   method=cv2.RANSAC, ransacReprojThreshold=3.0)
-        if fit is None or not 0.25 <= np.hypot(fit[0, 0], fit[1, 0]) <= 4:
-            continue
-        n = int(inliers.sum())
+        n = _similarity_inliers(query_points[part], db_points[part])
         if n >= PAIR_INLIERS:
             found.append((int(k // images), int(k % images), n))
     return found
@@ -143,11 +156,8 @@ def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray
     pair_best: dict[tuple[int, int], int] = {}
     if len(desc) > NEIGHBOURS:
         index = cv2.flann_Index(desc, {"algorithm": 1, "trees": 4})
-        mirrored = points.copy()
-        mirrored[:, 0] = SIZE - 1 - mirrored[:, 0]
-        for query, query_points in ((desc, points),
-                                    (np.ascontiguousarray(desc[:, _MIRROR]), mirrored)):
-            hits, distance = _knn(index, np.ascontiguousarray(query), workers)
+        for query_points, query in ((points, desc), _mirror(points, desc)):
+            hits, distance = _knn(index, query, workers)
             keep = comp[owner[hits]] != comp[owner][:, None]
             rows, hits, distance = np.nonzero(keep)[0], hits[keep], distance[keep]
             key = owner[rows].astype(np.int64) * len(features) + owner[hits]
@@ -212,28 +222,23 @@ def _representatives(component: np.ndarray, images: np.ndarray, small: int) -> n
     return np.concatenate(chosen) if chosen else np.zeros(0, int)
 
 
-def _pair_inliers(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray],
+def _pair_inliers(views: list[tuple[np.ndarray, np.ndarray]], second: tuple[np.ndarray, np.ndarray],
                   matcher: cv2.BFMatcher) -> int:
-    """RANSAC similarity inliers of cross-checked matches from ``first`` to ``second``.
+    """Most RANSAC similarity inliers of cross-checked matches from one of ``views`` to ``second``.
 
-    The better of ``first`` as shot and mirrored; 0 when a fit fails or zooms beyond 4x.
+    Args:
+        views: ``(points, descriptors)`` of the query image as shot and mirrored (``_mirror``).
+        second: ``(points, descriptors)`` of the other image.
+        matcher: a cross-checking brute-force matcher.
     """
     best = 0
-    points, desc = first
-    if len(desc) < PAIR_INLIERS or len(second[1]) < PAIR_INLIERS:
+    if len(views[0][1]) < PAIR_INLIERS or len(second[1]) < PAIR_INLIERS:
         return 0
-    mirrored = points.copy()
-    mirrored[:, 0] = SIZE - 1 - mirrored[:, 0]
-    for query_points, query in ((points, desc), (mirrored, np.ascontiguousarray(desc[:, _MIRROR]))):
+    for query_points, query in views:
         matches = matcher.match(query, second[1])
-        if len(matches) < PAIR_INLIERS:
-            continue
-        source = query_points[[m.queryIdx for m in matches]]
-        target = second[0][[m.trainIdx for m in matches]]
-        fit, inliers = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC,
-                                                   ransacReprojThreshold=3.0)
-        if fit is not None and 0.25 <= np.hypot(fit[0, 0], fit[1, 0]) <= 4:
-            best = max(best, int(inliers.sum()))
+        if len(matches) >= PAIR_INLIERS:
+            best = max(best, _similarity_inliers(query_points[[m.queryIdx for m in matches]],
+                                                 second[0][[m.trainIdx for m in matches]]))
     return best
 
 
@@ -265,11 +270,12 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
         unit = np.asarray(unit)[:small]
         own = component[unit[0]]
         evidence = dict.fromkeys(np.setdiff1d(component[nearest[unit].ravel()], [own]).tolist(), 0)
+        queries = [[(points, desc), _mirror(points, desc)] for points, desc in sift.get(unit)]
         for other in evidence:
             reps = _representatives(component, np.flatnonzero(component == other), small)
-            for query in sift.get(unit):
+            for views in queries:
                 for target in sift.get(reps):
-                    n = _pair_inliers(query, target, matcher)
+                    n = _pair_inliers(views, target, matcher)
                     evidence[other] += n if n >= PAIR_INLIERS else 0
         if evidence and max(evidence.values()) >= SMALL_EVIDENCE:
             best = max(evidence, key=evidence.get)
