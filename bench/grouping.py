@@ -81,8 +81,8 @@ def main() -> None:
     root = Path(args.data)
     with open(root / "groups.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    scratch = tempfile.TemporaryDirectory(prefix="lungtf-grouping-")
-    if args.tiles > len(rows):
+    if args.tiles > len(rows):  # the folder lives as long as `scratch`, to the end of main
+        scratch = tempfile.TemporaryDirectory(prefix="lungtf-grouping-")
         copies = add_copies(rows, root, Path(scratch.name), args.tiles)
         print(f"{len(rows)} real tiles + {len(copies)} generated copies in {scratch.name}")
         rows += copies
