@@ -67,11 +67,13 @@ def test_heatmap_on_last_conv_block_is_finite_normalised_and_not_constant(traine
     features = backbone(preprocess(x), training=False)
     logits_layer = model.get_layer("logits")
     logits = np.asarray(logits_layer(model.get_layer("pool")(features)), np.float64)
+    # A margin within float32 rounding of zero (recomputed here, not in gradcam's graph) could
+    # fall either way, so such a tile is left out of both checks.
     margin = logits[np.arange(len(x)), ids] - np.asarray(logits_layer.bias, np.float64)[ids]
-    positive = margin > 1e-6
+    positive, negative = margin > 1e-4, margin < -1e-4
     np.testing.assert_allclose(heat[positive].max(axis=(1, 2)), 1.0, err_msg=name)
     assert (heat[positive].reshape(-1, h * w).std(axis=1) > 0).all(), "flat heatmaps"
-    assert (heat[~positive] == 0).all(), name
+    assert (heat[negative] == 0).all(), name
     expected = np.asarray(model(x, training=False))
     np.testing.assert_array_equal(ids, expected.argmax(1))
     np.testing.assert_allclose(probs, expected.max(1), rtol=1e-4, atol=1e-5)
