@@ -54,6 +54,10 @@ class DataConfig:
         rotation_degrees: the largest rotation of the ``rotate`` augmentation.
         rotation_probability: share of training tiles that ``rotate`` rotates (the others are
             only flipped); 0.75 is fastai's ``p_affine``, the study's setting.
+        crop_size: train on random ``crop_size`` squares cut from the ``image_size`` tiles (with
+            the flips and rotation); validation, test and serving use whole ``image_size`` tiles.
+            0 trains on whole tiles. Crops of finer tiles show a network many views of each
+            source tile at the training cost of the crop size.
     """
 
     data: str | None = None
@@ -67,6 +71,7 @@ class DataConfig:
     augment: tuple[str, ...] = DEFAULT_AUGMENT
     rotation_degrees: float = 10.0
     rotation_probability: float = 0.75
+    crop_size: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, what it got and what is allowed."""
@@ -85,6 +90,11 @@ class DataConfig:
         if not 0 <= self.rotation_probability <= 1:
             raise ValueError(
                 f"rotation_probability must be in 0..1; got {self.rotation_probability}"
+            )
+        if self.crop_size and not 16 <= self.crop_size <= self.image_size:
+            raise ValueError(
+                f"crop_size must be 0 (whole tiles) or in 16..image_size ({self.image_size}); "
+                f"got {self.crop_size}"
             )
 
 

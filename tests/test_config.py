@@ -31,6 +31,8 @@ def test_class_names_and_cancer_mapping():
         (DataConfig(image_size=8), "image_size"),
         (DataConfig(augment=("flip_horizontal", "mixup")), "mixup"),
         (DataConfig(rotation_probability=1.5), "rotation_probability must be in 0..1; got 1.5"),
+        (DataConfig(image_size=64, crop_size=96),
+         r"crop_size must be 0 \(whole tiles\) or in 16..image_size \(64\); got 96"),
         (ModelConfig(weights="/no/such/file.weights.h5"), "/no/such/file"),
         (ModelConfig(dropout=1.0), "dropout"),
     ],

@@ -140,3 +140,49 @@ def test_transforms_are_drawn_from_the_seed():
     again = RandomFlipRotate(seed=9).transforms(6, 32, 32)
     other = RandomFlipRotate(seed=10).transforms(6, 32, 32)
     assert np.array_equal(first, again) and not np.allclose(first, other)
+
+
+@pytest.mark.parametrize("degrees", [0.0, 180.0], ids=["flips", "rotate"])
+def test_crop_host_and_keras_warps_agree(degrees: float):
+    """A crop is the same warp with a smaller output: OpenCV and keras.ops agree, flips exactly."""
+    images = _smooth(16)
+    layer = RandomFlipRotate(True, True, max_degrees=degrees, crop_size=20, seed=6)
+    maps = layer.transforms(len(images), 48, 48)
+    device = keras.ops.convert_to_numpy(layer.warp(images.astype(np.float32), maps))
+    host = warp_host(images, keras.ops.convert_to_numpy(maps), size=20).astype(np.float32)
+    assert device.shape == host.shape == (16, 20, 20, 3)
+    if degrees == 0.0:
+        assert np.array_equal(host, device)
+    difference = np.abs(host - device)
+    assert difference.mean() < 0.6 and difference.max() <= 4
+
+
+def test_unrotated_crops_are_exact_slices_from_every_position():
+    """Without rotation a crop is a flipped slice of the input, at any whole-pixel position."""
+    images = np.arange(4 * 9 * 9 * 3, dtype=np.uint8).reshape(4, 9, 9, 3)
+    layer = RandomFlipRotate(True, True, max_degrees=0.0, crop_size=4, seed=1)
+    corners = set()
+    for _ in range(60):
+        maps = keras.ops.convert_to_numpy(layer.transforms(4, 9, 9))
+        out = warp_host(images, maps, size=4)
+        for image, crop in zip(images, out):
+            found = [(y, x) for y in range(6) for x in range(6) for view in
+                     (image[y:y + 4, x:x + 4],) for flip in
+                     (view, view[:, ::-1], view[::-1], view[::-1, ::-1])
+                     if np.array_equal(flip, crop)]
+            assert len(found) == 1
+            corners.add(found[0])
+    assert len(corners) == 36  # every top-left position 0..5 x 0..5 is drawn
+
+
+def test_crop_layer_shapes_and_limits():
+    augmenter = build_augmenter([], crop_size=24, seed=0)
+    assert [layer.name for layer in augmenter.layers] == ["flip_rotate"]
+    pixels = keras.Input((32, 32, 3))
+    model = keras.Model(pixels, augmenter(pixels))
+    assert model.output_shape == (None, 24, 24, 3)
+    assert keras.ops.convert_to_numpy(model(_batch(2), training=True)).shape == (2, 24, 24, 3)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(augmenter))
+    assert restored.get_layer("flip_rotate").crop_size == 24
+    with pytest.raises(ValueError, match="crop_size 40 is larger than the 32x32 input"):
+        RandomFlipRotate(crop_size=40).transforms(2, 32, 32)

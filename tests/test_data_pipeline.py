@@ -52,19 +52,22 @@ def test_training_is_shuffled_and_deterministic_given_seed(tiny_folder: Path):
     assert y1.tolist() != y3.tolist()
 
 
-@pytest.mark.parametrize("names", [DEFAULT_AUGMENT, ("flip_horizontal", "rotate", "hsv_jitter")])
-def test_pipeline_applies_the_augmenters_draws_in_order(tiny_folder: Path, names):
+@pytest.mark.parametrize("names, crop", [
+    (DEFAULT_AUGMENT, 0), (("flip_horizontal", "rotate", "hsv_jitter"), 0), (DEFAULT_AUGMENT, 20),
+], ids=["default", "colour", "crop"])
+def test_pipeline_applies_the_augmenters_draws_in_order(tiny_folder: Path, names, crop: int):
     """The parallel host warp gives exactly the layer's maps, batch after batch, in order."""
     records = load_records(tiny_folder)
     plain = list(make_dataset(records, 32, 8, training=True, seed=3))
-    augmented = list(make_dataset(records, 32, 8, training=True, seed=3,
-                                  augmenter=build_augmenter(names, seed=7), jit_compile=False))
-    reference = build_augmenter(names, seed=7)
+    augmented = list(make_dataset(records, 32, 8, training=True, seed=3, jit_compile=False,
+                                  augmenter=build_augmenter(names, seed=7, crop_size=crop)))
+    reference = build_augmenter(names, seed=7, crop_size=crop)
     geometry, colour = reference.layers[0], reference.layers[1:]
     for (x, y), (x_aug, y_aug) in zip(plain, augmented, strict=True):
         assert np.array_equal(y, y_aug)
+        assert x_aug.shape[1:] == ((crop, crop, 3) if crop else (32, 32, 3))
         maps = geometry.transforms(len(x), 32, 32).numpy()
-        expected = warp_host(x.numpy(), maps).astype(np.float32)
+        expected = warp_host(x.numpy(), maps, crop or None).astype(np.float32)
         for layer in colour:
             expected = layer(expected, training=True).numpy()
         assert x_aug.dtype == "uint8"

@@ -21,6 +21,7 @@ from lungtf.models import (
     get_spec,
     list_backbones,
     model_parts,
+    training_view,
     unfreeze_backbone,
 )
 from lungtf.models.regnet import REGNETY, GroupedConv2D, stage_plan
@@ -82,6 +83,17 @@ def test_model_parts_compose_to_the_model(model):
     x = pixels(seed=2)
     composed = head(backbone(preprocess(x), training=False))
     np.testing.assert_allclose(composed, model(x, training=False), atol=1e-6)
+
+
+def test_training_view_shares_weights_and_takes_any_size(model):
+    """``fit`` trains a size-free view of the model: same layers, so same outputs and weights."""
+    view = training_view(model)
+    assert view.input.shape == (None, None, None, 3)
+    x = pixels(seed=3)
+    np.testing.assert_allclose(view(x, training=False), model(x, training=False), atol=1e-6)
+    assert {id(w) for w in view.weights} == {id(w) for w in model.weights}
+    crops = keras.ops.convert_to_numpy(view(pixels(size=SIZE // 2), training=False))
+    assert crops.shape == (2, 3) and np.all(np.isfinite(crops))
 
 
 def assert_batchnorm_inference_mode(backbone: keras.Model, x: np.ndarray) -> None:

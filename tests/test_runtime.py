@@ -46,7 +46,7 @@ for c, name in enumerate(CLASS_NAMES):
     for i in range(8):
         write_tile(root / "data" / name / f"{name}{i}.png", seed=10 * c + i, cls=c)
 run = resolve_run_config("cpu", None, {
-    "data": {"data": str(root / "data"), "image_size": 32, "batch_size": 4},
+    "data": {"data": str(root / "data"), "image_size": 32, "crop_size": 24, "batch_size": 4},
     "train": {"scratch_epochs": 1, "distribution": "mirrored", "device_augment": True},
     "backbones": ["resnet34"],
 })
@@ -59,7 +59,8 @@ print("replicas", rt.replicas, type(rt.strategy).__name__, "val_accuracy", resul
 
 def test_mirrored_strategy_on_two_logical_cpus_with_device_augmentation(tmp_path):
     # Logical devices must be configured before TensorFlow initialises: a fresh interpreter.
-    # Augmentation inside the training step (the GPU path) is exercised on the same run.
+    # Augmentation inside the training step (the GPU path), cropping 24 px training views of the
+    # 32 px tiles, is exercised on the same run.
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(MIRRORED), str(tmp_path)],
         capture_output=True, text=True, timeout=900, check=False,

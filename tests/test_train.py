@@ -40,7 +40,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def test_cli_two_backbones_compare_and_package_best(tiny_data, tmp_path):
     argv = [
         "--data", str(tiny_data), "--backbones", "resnet34,regnet:200mf",
-        "--image-size", str(SIZE), "--batch-size", "8", "--scratch-epochs", "1",
+        "--image-size", str(SIZE), "--crop-size", "24", "--batch-size", "8", "--scratch-epochs", "1",
         "--weights", "none", "--output", str(tmp_path), "--name", "smoke", "--verbose", "0",
     ]  # fmt: skip
     assert main(argv) == 0
@@ -72,7 +72,7 @@ def test_cli_two_backbones_compare_and_package_best(tiny_data, tmp_path):
     assert meta["test_metrics"]["n"] == sum(r["split"] == "test" for r in split_rows)
     assert 0 < meta["uncertainty_threshold"] <= 1
     model = keras.models.load_model(run / "best" / "model.keras")
-    assert model.input_shape == (None, SIZE, SIZE, 3)
+    assert model.input_shape == (None, SIZE, SIZE, 3)  # trained on 24 px crops, takes whole tiles
     assert any((run / "best" / "saved_model").glob("*/saved_model.pb"))
 
 
@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_across_phases(tiny_data, tmp_path):
     cfg = ModelConfig(backbone="resnet34", weights="none", image_size=SIZE)
     build_model(cfg).get_layer("backbone").save_weights(weights)
     run = resolve_run_config("cpu", None, {
-        "data": {"data": str(tiny_data), "image_size": SIZE, "batch_size": 8},
+        "data": {"data": str(tiny_data), "image_size": SIZE, "crop_size": 0, "batch_size": 8},
         "model": {"weights": str(weights)},
         "train": {"head_epochs": 1, "epochs": 2, "early_stopping_patience": 0},
         "backbones": ["resnet34"],

@@ -5,7 +5,7 @@ caller puts them: inside the training step on an accelerator (``--device-augment
 ``tf.data`` pipeline on the host (``make_dataset``). Which ones run is chosen in the config
 (``DataConfig.augment``), never in code: ``build_augmenter`` turns the names into layers.
 
-Geometry (flips and rotation) is one warp, ``RandomFlipRotate``, whose random draw and pixel work
+Geometry (flips, rotation and an optional random crop) is one warp, ``RandomFlipRotate``, whose random draw and pixel work
 are separate so that the pipeline can draw in order (reproducible) and warp in parallel with
 OpenCV (``warp_host``). Colour layers (HED stain jitter, HSV jitter, brightness, contrast) are
 plain batch layers.
@@ -62,21 +62,34 @@ class RandomFlipRotate(keras.layers.Layer):
 
     ``call`` is ``warp(images, transforms(batch))``; ``make_dataset`` uses ``warp_host``.
 
+    With ``crop_size`` the output is a ``crop_size`` square cut from a random whole-pixel position
+    of the input and flipped/rotated about its own centre: training on crops of finer-scale tiles
+    shows the network many different views of each source tile, while evaluation and serving use
+    whole tiles (the models pool globally, so they take any size).
+
     Args:
         horizontal: flip left-right with probability 0.5.
         vertical: flip top-bottom with probability 0.5.
         max_degrees: rotate by an angle drawn uniformly from ``[-max_degrees, max_degrees]``.
         probability: share of images that are rotated; the others are only flipped (exactly).
             fastai's ``aug_transforms`` rotates with ``p_affine=0.75``.
+        crop_size: side of the random square crop; ``None`` keeps the input size.
         seed: seed of the layer's random stream.
     """
 
     def __init__(self, horizontal=True, vertical=True, max_degrees=10.0, probability=1.0,
-                 seed=None, **kwargs):
+                 crop_size=None, seed=None, **kwargs):
         super().__init__(**kwargs)
+        if crop_size is not None and crop_size < 1:
+            raise ValueError(f"crop_size must be None or >= 1; got {crop_size}")
         self.horizontal, self.vertical = bool(horizontal), bool(vertical)
         self.max_degrees, self.probability, self.seed = float(max_degrees), float(probability), seed
+        self.crop_size = None if crop_size is None else int(crop_size)
         self.generator = keras.random.SeedGenerator(seed)
+
+    def output_size(self, height, width):
+        """``(height, width)`` of the output for an input of ``height`` x ``width``."""
+        return (height, width) if self.crop_size is None else (self.crop_size, self.crop_size)
 
     def transforms(self, batch, height, width):
         """Draw one inverse map per image for ``[batch, height, width, C]`` images.
@@ -85,6 +98,9 @@ class RandomFlipRotate(keras.layers.Layer):
             float32 ``[batch, 6]`` rows ``(a0, a1, a2, b0, b1, b2)``: output pixel ``(x, y)``
             samples the input at ``(a0 x + a1 y + a2, b0 x + b1 y + b2)`` (pixel centres at
             integer coordinates, OpenCV's ``WARP_INVERSE_MAP`` convention).
+
+        Raises:
+            ValueError: ``crop_size`` larger than the input.
         """
 
         def sign(enabled):
@@ -99,16 +115,24 @@ class RandomFlipRotate(keras.layers.Layer):
         rotate = keras.random.uniform((batch,), seed=self.generator) < self.probability
         angle = ops.where(rotate, angle, 0.0)
         cos, sin = ops.cos(angle), ops.sin(angle)
-        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        out_h, out_w = self.output_size(height, width)
+        if out_h > height or out_w > width:
+            raise ValueError(f"crop_size {self.crop_size} is larger than the {height}x{width} input")
+        cx, cy = (out_w - 1) / 2.0, (out_h - 1) / 2.0  # the output centre ...
+        x0 = y0 = 0.0  # ... sits over the centre of the crop whose top-left input pixel is (x0, y0)
+        if self.crop_size is not None:
+            x0 = ops.floor(keras.random.uniform((batch,), 0, width - out_w + 1, seed=self.generator))
+            y0 = ops.floor(keras.random.uniform((batch,), 0, height - out_h + 1, seed=self.generator))
         return ops.stack([
-            sx * cos, -sx * sin, cx - sx * (cos * cx - sin * cy),
-            sy * sin, sy * cos, cy - sy * (sin * cx + cos * cy),
+            sx * cos, -sx * sin, x0 + cx - sx * (cos * cx - sin * cy),
+            sy * sin, sy * cos, y0 + cy - sy * (sin * cx + cos * cy),
         ], axis=1)
 
     def warp(self, images, maps):
         """Apply ``maps`` (see ``transforms``) to float ``[B, H, W, C]`` images by bilinear gathers."""
         batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
-        y, x = ops.meshgrid(ops.arange(height, dtype="float32"), ops.arange(width, dtype="float32"),
+        out_h, out_w = self.output_size(height, width)
+        y, x = ops.meshgrid(ops.arange(out_h, dtype="float32"), ops.arange(out_w, dtype="float32"),
                             indexing="ij")
         a0, a1, a2, b0, b1, b2 = (ops.reshape(maps[:, i], (-1, 1, 1)) for i in range(6))
         src_x = _reflect(a0 * x + a1 * y + a2, width)
@@ -134,39 +158,56 @@ class RandomFlipRotate(keras.layers.Layer):
         maps = self.transforms(ops.shape(images)[0], images.shape[1], images.shape[2])
         return self.warp(images, maps)
 
+    def compute_output_shape(self, input_shape):
+        if self.crop_size is None:
+            return input_shape
+        return (input_shape[0], self.crop_size, self.crop_size, input_shape[3])
+
     def get_config(self):
         return {**super().get_config(), "horizontal": self.horizontal, "vertical": self.vertical,
-                "max_degrees": self.max_degrees, "probability": self.probability, "seed": self.seed}
+                "max_degrees": self.max_degrees, "probability": self.probability,
+                "crop_size": self.crop_size, "seed": self.seed}
 
 
-def warp_host(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
+def warp_host(images: np.ndarray, maps: np.ndarray, size: int | None = None) -> np.ndarray:
     """``RandomFlipRotate.warp`` on the host CPU with OpenCV: the same maps, bilinear, mirrored border.
 
     OpenCV interpolates 8-bit images in fixed point (1/32-pixel positions), so results differ from
     ``warp`` by at most a few grey levels where the image has sharp edges. A map that is only a
-    flip is applied as an exact flip, several times faster than a warp.
+    flip and a whole-pixel shift (no rotation) is applied exactly, by slicing, several times
+    faster than a warp.
 
     Args:
         images: ``uint8 [B, H, W, C]``.
         maps: ``[B, 6]`` from ``RandomFlipRotate.transforms``.
+        size: side of the square output (the layer's ``crop_size``); ``None`` keeps ``H x W``.
 
     Returns:
-        ``uint8 [B, H, W, C]``.
+        ``uint8 [B, size, size, C]`` (``[B, H, W, C]`` without ``size``).
     """
-    out = np.empty_like(images)
     height, width = images.shape[1:3]
+    out_h, out_w = (height, width) if size is None else (int(size), int(size))
+    out = np.empty((len(images), out_h, out_w, images.shape[3]), images.dtype)
     for i, (image, row) in enumerate(zip(images, np.asarray(maps, np.float64))):
-        flip_x, flip_y = row[0] == -1, row[4] == -1
-        if row[1] == 0 and row[3] == 0 and abs(row[0]) == 1 and abs(row[4]) == 1:
-            if flip_x or flip_y:  # flips only: exact, no interpolation (OpenCV's flip codes)
-                cv2.flip(image, -1 if flip_x and flip_y else 1 if flip_x else 0, dst=out[i])
-            else:
-                out[i] = image
-        else:
-            cv2.warpAffine(image, row.reshape(2, 3), (width, height), dst=out[i],
-                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                           borderMode=cv2.BORDER_REFLECT)
+        a0, a1, a2, b0, b1, b2 = row
+        if a1 == 0 and b0 == 0 and abs(a0) == 1 and abs(b1) == 1:  # flips and a shift only
+            cols, rows = _exact_slice(a2, a0, out_w, width), _exact_slice(b2, b1, out_h, height)
+            if cols is not None and rows is not None:
+                out[i] = image[rows, cols]
+                continue
+        cv2.warpAffine(image, row.reshape(2, 3), (out_w, out_h), dst=out[i],
+                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REFLECT)
     return out
+
+
+def _exact_slice(first: float, step: float, count: int, limit: int) -> slice | None:
+    """The slice of positions ``first + step * k`` (k < count, step +-1) when all are whole and
+    inside ``[0, limit)``, else ``None``."""
+    last = first + step * (count - 1)
+    if first != int(first) or min(first, last) < 0 or max(first, last) >= limit:
+        return None
+    first, last = int(first), int(last)
+    return slice(first, last + 1) if step > 0 else slice(first, last - 1 if last else None, -1)
 
 
 @keras.saving.register_keras_serializable(package="lungtf")
@@ -240,6 +281,7 @@ def build_augmenter(
     rotation_degrees: float = 10.0,
     rotation_probability: float = 0.75,
     seed: int = 42,
+    crop_size: int | None = None,
 ) -> keras.Sequential | None:
     """Build the training augmentation from names in ``lungtf.config.AUGMENTATIONS``.
 
@@ -252,9 +294,12 @@ def build_augmenter(
         rotation_degrees: the largest rotation of ``rotate``.
         rotation_probability: share of images ``rotate`` rotates (fastai's ``p_affine``).
         seed: base seed; each layer gets its own stream derived from it.
+        crop_size: cut a random square of this side from every image (with the flips and
+            rotation, in the same warp); ``None`` or 0 keeps whole images.
 
     Returns:
-        A ``keras.Sequential`` named ``augment``, or ``None`` when ``names`` is empty.
+        A ``keras.Sequential`` named ``augment``, or ``None`` when ``names`` is empty and there is
+        no crop.
 
     Raises:
         ValueError: an unknown name (the message lists the allowed ones).
@@ -264,11 +309,11 @@ def build_augmenter(
         raise ValueError(f"unknown augmentation(s) {unknown}; allowed are {', '.join(AUGMENTATIONS)}")
     chosen = set(names)
     layers: list[keras.Layer] = []
-    if chosen & {"flip_horizontal", "flip_vertical", "rotate"}:
+    if crop_size or chosen & {"flip_horizontal", "flip_vertical", "rotate"}:
         layers.append(RandomFlipRotate(
             "flip_horizontal" in chosen, "flip_vertical" in chosen,
-            rotation_degrees if "rotate" in chosen else 0.0, rotation_probability, seed=seed,
-            name="flip_rotate",
+            rotation_degrees if "rotate" in chosen else 0.0, rotation_probability,
+            crop_size=crop_size or None, seed=seed, name="flip_rotate",
         ))
     if "hed_jitter" in chosen:
         layers.append(RandomHEDJitter(seed=seed + 1, name="hed_jitter"))

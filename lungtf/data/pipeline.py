@@ -79,7 +79,8 @@ def make_dataset(
             CPU; each new batch shape costs a few seconds of compilation once).
 
     Returns:
-        A dataset of ``(uint8 [B, S, S, 3] pixels, int32 [B] class ids)``.
+        A dataset of ``(uint8 [B, S, S, 3] pixels, int32 [B] class ids)``; ``S`` is the
+        augmenter's crop size when it crops (training), else ``image_size``.
 
     Raises:
         ValueError: no records, a label outside ``CLASS_NAMES``, or a non-positive size.
@@ -123,14 +124,19 @@ def make_dataset(
 def _warp_on_host(
     ds: tf.data.Dataset, geometry: RandomFlipRotate, image_size: int
 ) -> tf.data.Dataset:
-    """Flip/rotate 8-bit batches: draw the maps in order, warp in parallel with OpenCV."""
+    """Flip/rotate (and crop) 8-bit batches: draw the maps in order, warp in parallel with OpenCV."""
+
+    out_h, out_w = geometry.output_size(image_size, image_size)
 
     def draw(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return x, geometry.transforms(tf.shape(x)[0], image_size, image_size), y
 
     def warp(x: tf.Tensor, maps: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        out = tf.numpy_function(warp_host, [x, maps], tf.uint8, stateful=False)
-        return tf.ensure_shape(out, x.shape), y
+        out = tf.numpy_function(
+            lambda images, m: warp_host(images, m, geometry.crop_size), [x, maps], tf.uint8,
+            stateful=False,
+        )
+        return tf.ensure_shape(out, (x.shape[0], out_h, out_w, x.shape[3])), y
 
     ds = ds.map(draw)  # sequential: the seed generator's state advances in a fixed order
     return ds.map(warp, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

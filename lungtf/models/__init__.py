@@ -14,6 +14,7 @@ from lungtf.models.registry import (
     list_backbones,
     model_parts,
     register_backbone,
+    training_view,
     unfreeze_backbone,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "list_backbones",
     "model_parts",
     "register_backbone",
+    "training_view",
     "unfreeze_backbone",
 ]

@@ -78,6 +78,7 @@ class BackboneSpec:
         name: registry name (``ModelConfig.backbone``).
         build: ``build(variant, input_shape, **kw) -> keras.Model`` returning the headless network
             (output: last convolutional feature map); transfer backbones accept ``weights``.
+            ``input_shape`` is ``(None, None, 3)``: backbones are built size-free.
         preprocess: ``preprocess(variant) -> keras.layers.Layer``, the input normalisation the
             backbone expects, applied to raw 0-255 RGB pixels inside the model.
         preprocessing: one line saying what ``preprocess`` does, for logs and reports.
@@ -184,7 +185,7 @@ def _imagenet_fetch(name: str) -> Iterator[None]:
 
 
 def _build_backbone(spec: BackboneSpec, variant: str, cfg: ModelConfig) -> keras.Model:
-    shape = (cfg.image_size, cfg.image_size, 3)
+    shape = (None, None, 3)  # size-free, so that training_view can train it on crops
     if cfg.weights == "imagenet":
         if not spec.imagenet:
             raise ValueError(
@@ -283,3 +284,22 @@ def model_parts(model: keras.Model) -> tuple[Callable, keras.Model, Callable]:
 
     return model.get_layer("preprocess"), model.get_layer(BACKBONE_LAYER), head
 
+
+
+def training_view(model: keras.Model, augmenter: keras.Layer | None = None) -> keras.Model:
+    """The model that ``fit`` trains: ``model``'s own layers (shared weights) on any input size.
+
+    A ``build_model`` model takes whole tiles of one size, the size it is evaluated, exported and
+    served at. Training may feed random crops instead (``DataConfig.crop_size``) while validation
+    feeds whole tiles, so ``fit`` runs this view: the same preprocessing, backbone and head layers
+    behind an input of free height and width (the backbone is built size-free and the head pools
+    globally). With ``augmenter`` (augmentation on the device) the view takes whole tiles and
+    augments them first; the augmenter does nothing in validation. Save ``model``, not the view.
+    """
+    names = ("preprocess", BACKBONE_LAYER, "pool", "dropout", "logits", "probabilities")
+    shape = model.input_shape[1:] if augmenter is not None else (None, None, 3)
+    pixels = keras.Input(shape, name="pixels")
+    x = pixels if augmenter is None else augmenter(pixels)
+    for name in names:
+        x = model.get_layer(name)(x)
+    return keras.Model(pixels, x, name=f"{model.name}_training")

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, help="phase-1 (frozen backbone) epochs")
     p.add_argument("--scratch-epochs", type=int, help="epochs of from-scratch backbones")
     p.add_argument("--image-size", type=int, help="input side in pixels")
+    p.add_argument("--crop-size", type=int,
+                   help="train on random crops of this side (0: whole tiles); eval on whole tiles")
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--lr", help="peak learning rate, or 'auto' (lr_find)")
     p.add_argument("--schedule", choices=SCHEDULES)
@@ -96,6 +98,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "splits": args.splits,
             "groups": args.groups,
             "image_size": args.image_size,
+            "crop_size": args.crop_size,
             "batch_size": args.batch_size,
             "seed": args.seed,
             "cache": args.cache,

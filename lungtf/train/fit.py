@@ -27,7 +27,13 @@ from lungtf.config import AUTO, RunConfig
 from lungtf.constants import NUM_CLASSES
 from lungtf.data.augment import build_augmenter
 from lungtf.data.pipeline import make_dataset
-from lungtf.models import build_model, freeze_backbone, get_spec, unfreeze_backbone
+from lungtf.models import (
+    build_model,
+    freeze_backbone,
+    get_spec,
+    training_view,
+    unfreeze_backbone,
+)
 from lungtf.train.callbacks import Throughput, make_callbacks, plot_curves, read_history
 from lungtf.train.compare import evaluate_records
 from lungtf.train.lr_find import lr_find
@@ -123,12 +129,6 @@ def _one_hot(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.map(lambda x, y: (x, tf.one_hot(y, NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _with_augmenter(model: keras.Model, augmenter: keras.Model) -> keras.Model:
-    """A training-only wrapper that augments on the device, then calls ``model``."""
-    pixels = keras.Input(model.input_shape[1:], name="pixels")
-    return keras.Model(pixels, model(augmenter(pixels)), name=f"{model.name}_augmented")
-
-
 def _set_trainable(model: keras.Model, phase: Phase, finetune_batchnorm: bool) -> None:
     """Freeze for ``head``; unfreeze otherwise (BatchNorm trains from scratch, or per the spec)."""
     if phase.frozen:
@@ -186,7 +186,9 @@ def train_backbone(
         weights = "none"
     mcfg = replace(run.model, backbone=name, variant=variant, weights=weights)
     d = run.data
-    augmenter = build_augmenter(d.augment, d.rotation_degrees, d.rotation_probability, d.seed)
+    augmenter = build_augmenter(
+        d.augment, d.rotation_degrees, d.rotation_probability, d.seed, d.crop_size
+    )
     train_ds = _one_hot(
         make_dataset(
             splits["train"],
@@ -210,11 +212,7 @@ def train_backbone(
         )
     with rt.strategy.scope():
         model = build_model(mcfg)
-        fitted = (
-            _with_augmenter(model, augmenter)
-            if rt.device_augment and augmenter is not None
-            else model
-        )
+        fitted = training_view(model, augmenter if rt.device_augment else None)
     steps_per_epoch = math.ceil(len(splits["train"]) / d.batch_size)
 
     lr = state.get("lr", run.train.lr)
