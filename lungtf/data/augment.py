@@ -5,9 +5,9 @@ caller puts them: inside the training step on an accelerator (``--device-augment
 ``tf.data`` pipeline on the host (``make_dataset``). Which ones run is chosen in the config
 (``DataConfig.augment``), never in code: ``build_augmenter`` turns the names into layers.
 
-Geometry (flips, rotation and an optional random crop) is one warp, ``RandomFlipRotate``, whose random draw and pixel work
-are separate so that the pipeline can draw in order (reproducible) and warp in parallel with
-OpenCV (``warp_host``). Colour layers (HED stain jitter, HSV jitter, brightness, contrast) are
+Geometry (flips, rotation and an optional random crop) is one warp, ``RandomFlipRotate``, whose
+random draw and pixel work are separate so that the pipeline can draw in order (reproducible) and
+warp in parallel with OpenCV (``warp_host``). Colour layers (HED stain jitter, HSV jitter, brightness, contrast) are
 plain batch layers.
 """
 

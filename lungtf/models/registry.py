@@ -30,6 +30,9 @@ WEIGHT_CHOICES: tuple[str, ...] = ("imagenet", "none", "PATH")
 IMAGENET_FETCH_TIMEOUT_S = 20.0
 """Socket timeout while keras.applications fetches ImageNet weights: fail fast when offline."""
 
+HEAD_LAYERS: tuple[str, ...] = ("pool", "dropout", "logits", "probabilities")
+"""The layers after the backbone, in call order (``build_model``'s head)."""
+
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
@@ -275,9 +278,7 @@ def model_parts(model: keras.Model) -> tuple[Callable, keras.Model, Callable]:
     ``head(features)`` maps the backbone's feature map to probabilities in inference mode, so
     ``head(backbone(preprocess(pixels)))`` equals ``model(pixels)``.
     """
-    pool, dropout, logits, probabilities = (
-        model.get_layer(n) for n in ("pool", "dropout", "logits", "probabilities")
-    )
+    pool, dropout, logits, probabilities = (model.get_layer(n) for n in HEAD_LAYERS)
 
     def head(features):
         return probabilities(logits(dropout(pool(features), training=False)))
@@ -296,7 +297,7 @@ def training_view(model: keras.Model, augmenter: keras.Layer | None = None) -> k
     globally). With ``augmenter`` (augmentation on the device) the view takes whole tiles and
     augments them first; the augmenter does nothing in validation. Save ``model``, not the view.
     """
-    names = ("preprocess", BACKBONE_LAYER, "pool", "dropout", "logits", "probabilities")
+    names = ("preprocess", BACKBONE_LAYER, *HEAD_LAYERS)
     shape = model.input_shape[1:] if augmenter is not None else (None, None, 3)
     pixels = keras.Input(shape, name="pixels")
     x = pixels if augmenter is None else augmenter(pixels)
