@@ -59,21 +59,17 @@ def test_heatmap_on_last_conv_block_is_finite_normalised_and_not_constant(traine
     h, w = backbone(preprocess(x)).shape[1:3]  # the backbone is built size-free
     assert heat.shape == (len(x), h, w), name
     assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() <= 1.0
-    # The mean of the un-rectified map is (logit - bias) / (h * w) of the explained class: where
-    # that margin is positive some cell is positive, so the map peaks at 1 and varies over the
-    # tile; where it is not, every cell is rectified away and the map is all zero (a barely
-    # trained tiny model has tiles of both kinds).
-    preprocess, _, _ = model_parts(model)
+    # The mean of the un-rectified map is (logit - bias) / (h * w) of the explained class, so
+    # where that margin is positive some cell is positive: the map peaks at 1 and varies over
+    # the tile. A negative margin says nothing about single cells (the exact map is checked in
+    # the CAM test below). A margin within float32 rounding of zero is left out.
     features = backbone(preprocess(x), training=False)
     logits_layer = model.get_layer("logits")
     logits = np.asarray(logits_layer(model.get_layer("pool")(features)), np.float64)
-    # A margin within float32 rounding of zero (recomputed here, not in gradcam's graph) could
-    # fall either way, so such a tile is left out of both checks.
     margin = logits[np.arange(len(x)), ids] - np.asarray(logits_layer.bias, np.float64)[ids]
-    positive, negative = margin > 1e-4, margin < -1e-4
+    positive = margin > 1e-4
     np.testing.assert_allclose(heat[positive].max(axis=(1, 2)), 1.0, err_msg=name)
     assert (heat[positive].reshape(-1, h * w).std(axis=1) > 0).all(), "flat heatmaps"
-    assert (heat[negative] == 0).all(), name
     expected = np.asarray(model(x, training=False))
     np.testing.assert_array_equal(ids, expected.argmax(1))
     np.testing.assert_allclose(probs, expected.max(1), rtol=1e-4, atol=1e-5)
