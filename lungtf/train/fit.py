@@ -266,6 +266,7 @@ def train_backbone(
         fitted.fit(
             train_ds,
             steps_per_epoch=steps_per_epoch,
+            shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a tf.data input
             validation_data=val_ds,
             epochs=finished or epoch + phase.epochs,
             initial_epoch=epoch,
