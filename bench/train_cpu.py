@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     test_records = [r for r in records if r.split == "test"]
     probs, labels = predict_records(model, test_records, meta["image_size"], 64)
     test = summarize(probs, labels)
-    wrong_by_group = source_errors(test_records, probs.argmax(axis=1), labels)
-    low, high = group_bootstrap(labels, probs.argmax(axis=1),
-                                [r.group for r in test_records])["accuracy"]
+    predicted = probs.argmax(axis=1)
+    wrong_by_group = source_errors(test_records, predicted, labels)
+    low, high = group_bootstrap(labels, predicted, [r.group for r in test_records])["accuracy"]
     counts = split_summary(run_dir / "splits.csv")
     cores = os.cpu_count() or 1
     minutes = wall / 60

@@ -56,14 +56,14 @@ def test_heatmap_on_last_conv_block_is_finite_normalised_and_not_constant(traine
     name, model, x = trained
     heat, ids, probs = gradcam.gradcam(model, x)
     preprocess, backbone, _ = model_parts(model)
-    h, w = backbone(preprocess(x)).shape[1:3]  # the backbone is built size-free
+    features = backbone(preprocess(x), training=False)
+    h, w = features.shape[1:3]  # the backbone is built size-free
     assert heat.shape == (len(x), h, w), name
     assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() <= 1.0
     # The mean of the un-rectified map is (logit - bias) / (h * w) of the explained class, so
     # where that margin is positive some cell is positive: the map peaks at 1 and varies over
     # the tile. A negative margin says nothing about single cells (the exact map is checked in
     # the CAM test below). A margin within float32 rounding of zero is left out.
-    features = backbone(preprocess(x), training=False)
     logits_layer = model.get_layer("logits")
     logits = np.asarray(logits_layer(model.get_layer("pool")(features)), np.float64)
     margin = logits[np.arange(len(x)), ids] - np.asarray(logits_layer.bias, np.float64)[ids]

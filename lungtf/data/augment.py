@@ -7,8 +7,8 @@ caller puts them: inside the training step on an accelerator (``--device-augment
 
 Geometry (flips, rotation and an optional random crop) is one warp, ``RandomFlipRotate``, whose
 random draw and pixel work are separate so that the pipeline can draw in order (reproducible) and
-warp in parallel with OpenCV (``warp_host``). Colour layers (HED stain jitter, HSV jitter, brightness, contrast) are
-plain batch layers.
+warp in parallel with OpenCV (``warp_host``). Colour layers (HED stain jitter, HSV jitter,
+brightness, contrast) are plain batch layers.
 """
 
 from __future__ import annotations
