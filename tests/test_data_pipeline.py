@@ -3,6 +3,8 @@ augmentation in the pipeline, and show_batch. Real image files in tmp_path, 32-4
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from lungtf.config import DEFAULT_AUGMENT
 from lungtf.constants import CLASS_NAMES, class_index
 from lungtf.data.augment import build_augmenter, warp_host
 from lungtf.data.ingest import Record, load_records
-from lungtf.data.pipeline import make_dataset, show_batch
+from lungtf.data.pipeline import length_found_at_end, make_dataset, show_batch
 
 
 def _collect(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -148,3 +150,20 @@ def test_real_tiles(shared_data: Path):
     assert images.shape == (len(records), 64, 64, 3)
     assert sorted(labels.tolist()) == sorted(class_index(r.label) for r in records)
     assert 100 < images.mean() < 230  # H&E tiles: pale pink-purple
+
+
+def test_reading_an_evaluation_pipeline_to_its_end_is_not_a_warning(tiny_folder: Path):
+    import keras
+
+    ds = make_dataset(load_records(tiny_folder), 16, 4, training=False)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D()])
+
+    def warned(silenced: bool) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with length_found_at_end() if silenced else contextlib.nullcontext():
+                model.predict(ds, verbose=0)  # a new predict iterator finds the length at the end
+        return any("ran out of data" in str(w.message) for w in caught)
+
+    assert warned(silenced=False)  # Keras's warning for a pipeline of unknown length
+    assert not warned(silenced=True)

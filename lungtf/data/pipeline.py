@@ -17,9 +17,11 @@ layers, if any are chosen, run compiled with XLA on float32 and are rounded back
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -126,6 +128,21 @@ def make_dataset(
         options.autotune.enabled = False
         ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@contextlib.contextmanager
+def length_found_at_end() -> Iterator[None]:
+    """Silence Keras's "Your input ran out of data" warning while it reads these pipelines.
+
+    ``make_dataset`` skips files that fail to decode, so tf.data cannot know a pipeline's length
+    in advance; Keras then learns it by reaching the end of the first pass and warns, as if the
+    data had been too short. For an evaluation pass that end is the normal one. ``fit`` repeats
+    the training data, so in training only the validation pass ends (or a training set whose
+    every file failed, each failure logged by ``ignore_errors``).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+        yield
 
 
 def _warp_on_host(

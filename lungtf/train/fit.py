@@ -26,7 +26,7 @@ import tensorflow as tf
 from lungtf.config import AUTO, RunConfig
 from lungtf.constants import NUM_CLASSES
 from lungtf.data.augment import build_augmenter
-from lungtf.data.pipeline import make_dataset
+from lungtf.data.pipeline import length_found_at_end, make_dataset
 from lungtf.models import (
     build_model,
     freeze_backbone,
@@ -263,16 +263,17 @@ def train_backbone(
             " (restored)" if finished else "",
         )
         start = time.perf_counter()
-        fitted.fit(
-            train_ds,
-            steps_per_epoch=steps_per_epoch,
-            shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle a tf.data input
-            validation_data=val_ds,
-            epochs=finished or epoch + phase.epochs,
-            initial_epoch=epoch,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+        with length_found_at_end():
+            fitted.fit(
+                train_ds,
+                steps_per_epoch=steps_per_epoch,
+                shuffle=False,  # the pipeline shuffles (seeded); Keras cannot shuffle tf.data
+                validation_data=val_ds,
+                epochs=finished or epoch + phase.epochs,
+                initial_epoch=epoch,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
         rows = read_history(out_dir / "history.csv")
         epoch = finished or (int(rows[-1]["epoch"]) + 1 if rows else epoch)
         if not finished:
