@@ -113,7 +113,10 @@ def lr_find(
     start_lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
     sweep = _Sweep(lrs, diverge)
     try:
-        model.fit(dataset.repeat(), epochs=steps, steps_per_epoch=1, callbacks=[sweep], verbose=0)
+        model.fit(
+            dataset.repeat(), epochs=steps, steps_per_epoch=1, shuffle=False,  # tf.data shuffles
+            callbacks=[sweep], verbose=0,
+        )
     finally:
         model.set_weights(weights)
         model.optimizer.learning_rate.assign(start_lr)
