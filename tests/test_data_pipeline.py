@@ -7,6 +7,7 @@ import contextlib
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -153,8 +154,6 @@ def test_real_tiles(shared_data: Path):
 
 
 def test_reading_an_evaluation_pipeline_to_its_end_is_not_a_warning(tiny_folder: Path):
-    import keras
-
     ds = make_dataset(load_records(tiny_folder), 16, 4, training=False)
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D()])
 

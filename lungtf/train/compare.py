@@ -22,7 +22,7 @@ import tensorflow as tf
 
 import lungtf
 from lungtf.constants import CLASS_NAMES
-from lungtf.data.pipeline import length_found_at_end, make_dataset
+from lungtf.data.pipeline import make_dataset
 from lungtf.evaluate.metrics import cancer_view
 from lungtf.export import export_model
 
@@ -51,11 +51,11 @@ COLUMNS = (
 
 def predict_records(model: keras.Model, records: list, image_size: int, batch_size: int):
     """``(probabilities [N,3], labels [N])`` of ``model`` on ``records`` (no augmentation)."""
-    ds = make_dataset(records, image_size, batch_size, training=False)
-    with length_found_at_end():
-        probs = model.predict(ds, verbose=0).astype(np.float64)
-    labels = np.concatenate([y for y in ds.map(lambda x, y: y).as_numpy_iterator()])
-    return probs, labels
+    probs, labels = [], []
+    for x, y in make_dataset(records, image_size, batch_size, training=False):
+        probs.append(model.predict_on_batch(x))  # one pass: each tile is decoded once
+        labels.append(y.numpy())
+    return np.concatenate(probs).astype(np.float64), np.concatenate(labels)
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray) -> dict:
