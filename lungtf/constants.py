@@ -49,3 +49,19 @@ def is_cancer(name: str) -> bool:
     """True when class ``name`` is a cancer class (validates the name)."""
     class_index(name)
     return name in CANCER_CLASSES
+
+
+MAX_IMAGE_PIXELS: int = 4096 * 4096
+"""Largest image (width x height, read from the JPEG/PNG header before decoding) that ingest,
+the training pipeline and the exported ``serving_default`` signature accept: 16.8 M pixels,
+50 MB decoded. LC25000 tiles are 768 x 768; anything far larger is a mistake or a
+decompression bomb (a 400 KB PNG can declare 20000 x 20000 pixels, 1.2 GB decoded)."""
+
+MAX_BATCH_IMAGES: int = 64
+"""Most images one request to the exported model may carry (the exported signatures refuse
+more; ``lungtf.client`` splits at this size by default)."""
+
+MAX_BATCH_PIXELS: int = 4 * MAX_IMAGE_PIXELS
+"""Most pixels (summed over a request's images, from their headers) the exported
+``serving_default`` decodes for one request: 67 M pixels, 200 MB decoded, so one request's
+decoding memory is bounded however its images are sized (64 LC25000 tiles need 38 M)."""

@@ -10,6 +10,10 @@ so its interface is fixed here and nowhere else:
   (``lungtf.data.pipeline.decode_resize``), then runs ``model(x, training=False)`` (the model
   holds its own preprocessing).
 - ``predict_pixels(pixels: float32 [N, S, S, 3])`` takes raw 0-255 pixels already at the size.
+- Hostile input is refused inside the signatures (TF Serving runs them as they are), before any
+  decoding, with ``InvalidArgumentError``: more than ``MAX_BATCH_IMAGES`` (64) images, an image
+  that is not JPEG/PNG or whose header declares more than ``MAX_IMAGE_PIXELS`` (4096 x 4096), a
+  batch above ``MAX_BATCH_PIXELS`` (4 x 4096 x 4096) in total (``lungtf.constants``).
 - Both answer ``probabilities`` float32 [N, 3], ``class_id`` int64 [N] and ``class_name`` string
   [N] (``lungtf.constants.CLASS_NAMES``); when ``lungtf.json`` holds a ``temperature`` other than 1
   the probabilities are temperature-scaled, ``softmax(log p / T)``.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -34,7 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from lungtf.constants import CLASS_NAMES
+from lungtf.constants import (
+    CLASS_NAMES,
+    MAX_BATCH_IMAGES,
+    MAX_BATCH_PIXELS,
+    MAX_IMAGE_PIXELS,
+)
 
 SERVING_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "predict_pixels"
@@ -44,12 +54,20 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "lungtf.json"
 
 
+VERSION_NAME = re.compile(r"0|[1-9][0-9]{0,17}")
+"""A version folder's name: 1-18 ASCII digits (so it fits TF Serving's int64 version) without a
+leading zero (so the folder is ``str(version)``). ``str.isdigit`` would take ``²``, which
+``int`` refuses, and ``١٢``, which ``int`` reads as 12."""
+
+
 def numeric_versions(base_path: str | Path) -> list[int]:
     """Sorted integer version folders under ``base_path`` (other names are not versions)."""
     base = Path(base_path)
     if not base.is_dir():
         return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(
+        int(p.name) for p in base.iterdir() if VERSION_NAME.fullmatch(p.name) and p.is_dir()
+    )
 
 
 def load_source(source: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -118,22 +136,64 @@ def complete_metadata(model: Any, metadata: dict[str, Any] | None) -> dict[str, 
     return meta
 
 
-def decode_and_resize(image_bytes: Any, size: int) -> Any:
-    """Decode a batch of JPEG/PNG strings to float32 ``[N, size, size, 3]`` 0-255 pixels.
+def check_batch(batch: Any, max_images: int = MAX_BATCH_IMAGES) -> Any:
+    """``batch`` unchanged, failing with ``InvalidArgumentError`` when its first dimension is
+    above ``max_images``.
 
-    Each image goes through ``lungtf.data.pipeline.decode_resize``, the training pipeline's own
-    decode and squish-resize (antialiased bilinear, rounded to 8 bits), so served tiles are
-    preprocessed exactly as training tiles were. Tests and benchmarks call this too.
+    TensorFlow (and so TensorFlow Serving) fills a request tensor up to its declared shape from
+    the values sent, so a few bytes can declare a batch of 100,000 images; the signatures
+    refuse such a batch before any per-image work.
     """
     import tensorflow as tf
 
-    from lungtf.data.pipeline import decode_resize
+    count = tf.shape(batch)[0]
+    refuse = tf.debugging.Assert(
+        count <= max_images,
+        [tf.strings.format(
+            "a batch of {} images; at most {} per request (MAX_BATCH_IMAGES): split it",
+            (count, max_images))],
+        name="too_many_images",
+    )
+    with tf.control_dependencies([refuse]):
+        return tf.identity(batch)
+
+
+def decode_and_resize(image_bytes: Any, size: int) -> Any:
+    """Decode a batch of JPEG/PNG strings to float32 ``[N, size, size, 3]`` 0-255 pixels.
+
+    Before anything is decoded the batch is checked from the image headers alone: at most
+    ``MAX_BATCH_IMAGES`` images, each JPEG or PNG of at most ``MAX_IMAGE_PIXELS``, together at
+    most ``MAX_BATCH_PIXELS``; otherwise ``InvalidArgumentError`` names the image and the limit
+    (TF Serving answers INVALID_ARGUMENT). Each image then goes through
+    ``lungtf.data.pipeline.decode_resize``, the training pipeline's own decode and squish-resize
+    (antialiased bilinear, rounded to 8 bits), so served tiles are preprocessed exactly as
+    training tiles were. Tests and benchmarks call this too.
+    """
+    import tensorflow as tf
+
+    from lungtf.data.pipeline import checked_size, decode_resize
+
+    image_bytes = check_batch(image_bytes)
+    sizes = tf.map_fn(
+        lambda i: checked_size(image_bytes[i], MAX_IMAGE_PIXELS, i),
+        tf.range(tf.shape(image_bytes)[0]),
+        fn_output_signature=tf.TensorSpec([2], tf.int64),
+    )
+    total = tf.reduce_sum(sizes[:, 0] * sizes[:, 1])
+    refuse = tf.debugging.Assert(
+        total <= MAX_BATCH_PIXELS,
+        [tf.strings.format(
+            "the images of the batch hold {} pixels together; at most {} per request "
+            "(MAX_BATCH_PIXELS): send fewer or smaller images", (total, MAX_BATCH_PIXELS))],
+        name="too_many_batch_pixels",
+    )
 
     def one(data: Any) -> Any:
         return tf.cast(decode_resize(data, size), tf.float32)
 
     spec = tf.TensorSpec((size, size, 3), tf.float32)
-    return tf.map_fn(one, image_bytes, fn_output_signature=spec)
+    with tf.control_dependencies([refuse]):
+        return tf.map_fn(one, tf.identity(image_bytes), fn_output_signature=spec)
 
 
 def build_archive(model: Any, metadata: dict[str, Any]) -> Any:
@@ -162,7 +222,7 @@ def build_archive(model: Any, metadata: dict[str, Any]) -> Any:
     )
     archive.add_endpoint(
         PIXELS_SIGNATURE,
-        predict,
+        lambda pixels: predict(check_batch(pixels)),
         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")],
     )
     archive.add_endpoint(

@@ -4,6 +4,7 @@ augmentation in the pipeline, and show_batch. Real image files in tmp_path, 32-4
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from pathlib import Path
 
@@ -11,13 +12,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import png_bomb
 from PIL import Image
 
 from lungtf.config import DEFAULT_AUGMENT
 from lungtf.constants import CLASS_NAMES, class_index
 from lungtf.data.augment import build_augmenter, warp_host
 from lungtf.data.ingest import Record, load_records
-from lungtf.data.pipeline import length_found_at_end, make_dataset, show_batch
+from lungtf.data.pipeline import (
+    decode_resize,
+    header_size,
+    length_found_at_end,
+    make_dataset,
+    show_batch,
+)
 
 
 def _collect(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -166,3 +174,26 @@ def test_reading_an_evaluation_pipeline_to_its_end_is_not_a_warning(tiny_folder:
 
     assert warned(silenced=False)  # Keras's warning for a pipeline of unknown length
     assert not warned(silenced=True)
+
+
+def test_header_size_and_bombs_are_refused_before_decoding(tiny_folder: Path, tmp_path: Path):
+    """A 389 KB PNG declaring 20000 x 20000 pixels is skipped from its header (decoding it would
+    take 1.2 GB and seconds); JPEG/PNG sizes are read without decoding; other formats refused."""
+    jpeg = Path(load_records(tiny_folder)[0].path).read_bytes()
+    png = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(png)
+    assert header_size(tf.constant(jpeg)).numpy().tolist() == [40, 40]
+    assert header_size(tf.constant(png.read_bytes())).numpy().tolist() == [30, 50]
+    gif = tmp_path / "x.gif"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(gif)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG or PNG"):
+        decode_resize(tf.constant(gif.read_bytes()), 16)
+    bomb = tmp_path / "lung_n" / "bomb.png"
+    bomb.parent.mkdir()
+    bomb.write_bytes(png_bomb())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="20000 x 20000 pixels"):
+        decode_resize(tf.constant(bomb.read_bytes()), 16)
+    records = [Record(str(bomb), "lung_n"), *load_records(tiny_folder)[:3]]
+    start = time.monotonic()
+    images, _ = _collect(make_dataset(records, 16, 4, training=False))
+    assert len(images) == 3 and time.monotonic() - start < 3  # the bomb skipped, undecoded

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import png_bomb
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from lungtf import export
-from lungtf.constants import CLASS_NAMES
+from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES
 from lungtf.data.ingest import Record
 from lungtf.data.pipeline import make_dataset
 from lungtf.serving.models import load_servable
@@ -205,3 +208,25 @@ def test_command_line_exports_a_run_dir_and_a_keras_file(
     assert "version 5 already exists" in capsys.readouterr().err
     assert export.main([str(tmp_path / "nothing"), "--base-path", str(base)]) == 2
     assert "expected a run directory" in capsys.readouterr().err
+
+
+def test_signatures_refuse_hostile_batches_before_decoding(exported: Path) -> None:
+    """The caps live in the SavedModel itself, so stock tensorflow_model_server applies them."""
+    signatures = tf.saved_model.load(str(exported)).signatures
+    serve, pixels = signatures["serving_default"], signatures["predict_pixels"]
+    tile = jpeg_tiles(1)[0]
+    refused = {
+        "bomb": ([tile, png_bomb()], "image 1 of the batch is 20000 x 20000 pixels"),
+        "too many": ([tile] * (MAX_BATCH_IMAGES + 1), f"at most {MAX_BATCH_IMAGES} per request"),
+        "too many pixels together": ([png_bomb(4096)] * 5, "at most 67108864 per request"),
+        "not JPEG/PNG": ([tile, b"GIF89a" + bytes(40)], "not a JPEG or PNG image"),
+    }
+    for case, (batch, message) in refused.items():
+        start = time.monotonic()
+        with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+            serve(image_bytes=tf.constant(batch))
+        assert time.monotonic() - start < 2, case  # refused from the headers
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a batch of 65 images"):
+        pixels(pixels=tf.zeros([MAX_BATCH_IMAGES + 1, SIZE, SIZE, 3]))
+    assert serve(image_bytes=tf.constant([tile] * MAX_BATCH_IMAGES))["class_id"].shape == (64,)
+    assert serve(image_bytes=tf.constant([png_bomb(4096)]))["class_id"].shape == (1,)  # at the cap

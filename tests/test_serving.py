@@ -1,5 +1,7 @@
 """The dev server against a live subprocess: TF Serving's error contract, metadata, status,
-version labels, hot swap and graceful SIGTERM; ``validate`` of models.config files."""
+version labels, hot swap and graceful SIGTERM; ``validate`` of models.config files; hostile
+requests (inflated shapes, bombs, oversized batches and messages), deadlines that stop the work,
+error texts without internals, version folder names and the compose file's published ports."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
+from conftest import png_bomb
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -30,6 +34,8 @@ from tensorflow_serving.apis import (
 from test_export import jpeg_tiles, make_tiny_model
 
 from lungtf import export
+from lungtf.constants import MAX_BATCH_IMAGES
+from lungtf.serving import handlers
 from lungtf.serving.__main__ import main as serving_main
 from lungtf.serving.config import ModelEntry
 from lungtf.serving.models import ModelManager
@@ -194,6 +200,87 @@ def test_bad_predict_requests_get_tf_serving_codes(live: dict, case: str) -> Non
         live["predict"].Predict(req, timeout=60)
     assert err.value.code().name == code, err.value.details()
     assert message in err.value.details()
+
+
+def declared(value: object, shape: list[int], dtype: object = None) -> object:
+    """A TensorProto carrying ``value`` but declaring ``shape`` (more elements than it sends)."""
+    proto = tf.make_tensor_proto(value, dtype=dtype)
+    proto.tensor_shape.Clear()
+    for size in shape:
+        proto.tensor_shape.dim.add(size=size)
+    return proto
+
+
+def hostile_request(signature: str = "", **protos: object) -> predict_pb2.PredictRequest:
+    req = request(signature=signature)
+    for alias, proto in protos.items():
+        req.inputs[alias].CopyFrom(proto)
+    return req
+
+
+MiB = 2**20
+HOSTILE = {  # built when the test runs: the bomb takes a few seconds to compress
+    "strings declared 8 but one sent": (
+        lambda: hostile_request(image_bytes=declared(jpeg_tiles(1), [8], tf.string)),
+        "INVALID_ARGUMENT",
+        "declares shape [8] (8 values) but sends 1",
+    ),
+    "pixels declared but none sent": (
+        lambda: hostile_request("predict_pixels", pixels=declared([], [64, 32, 32, 3], tf.float32)),
+        "INVALID_ARGUMENT",
+        "declares shape [64, 32, 32, 3] (196608 values) but sends 0",
+    ),
+    "more images than a request may hold": (
+        lambda: request(image_bytes=np.array(jpeg_tiles(1) * (MAX_BATCH_IMAGES + 1), object)),
+        "INVALID_ARGUMENT",
+        f"batch of {MAX_BATCH_IMAGES + 1} items; at most {MAX_BATCH_IMAGES} per request",
+    ),
+    "decompression bomb": (
+        lambda: request(image_bytes=np.array([*jpeg_tiles(1), png_bomb()], object)),
+        "INVALID_ARGUMENT",
+        "image 1 of the batch is 20000 x 20000 pixels",
+    ),
+    "image above the byte limit": (
+        lambda: request(image_bytes=np.array([b"\xff\xd8\xff" + bytes(16 * MiB)], object)),
+        "INVALID_ARGUMENT",
+        "item 0 of input 'image_bytes' is 16777219 bytes; at most 16777216 per item",
+    ),
+    "message above the limit": (
+        lambda: request(image_bytes=np.array([bytes(10 * MiB)] * 7, object)),
+        "RESOURCE_EXHAUSTED",
+        "larger than max",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_requests_are_refused_before_the_work(live: dict, case: str) -> None:
+    build, code, message = HOSTILE[case]
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        live["predict"].Predict(build(), timeout=60)
+    assert err.value.code().name == code, err.value.details()
+    assert message in err.value.details()
+    assert time.monotonic() - start < 5  # refused up front, not after decoding
+
+
+def test_errors_name_only_what_was_asked(live: dict) -> None:
+    answers = {}
+    for case in ("unknown model", "unknown version", "no model name", "unknown label"):
+        with pytest.raises(grpc.RpcError) as err:
+            live["predict"].Predict(BAD_PREDICTS[case][0], timeout=60)
+        answers[case] = err.value.details()
+    spec = predict_pb2.PredictRequest().model_spec
+    spec.name = "colon"
+    with pytest.raises(grpc.RpcError) as err:
+        live["models"].GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
+    answers["status of an unknown model"] = err.value.details()
+    assert answers["unknown model"] == "Servable not found for request: Latest(colon)"
+    assert answers["unknown version"] == "Servable not found for request: Specific(lungtf, 99)"
+    assert answers["status of an unknown model"] == "Could not find any versions of model 'colon'"
+    for case, text in answers.items():  # the other models and versions are nobody's business
+        assert "[1]" not in text and "stable" not in text, (case, text)
+        assert case in ("unknown version", "unknown label") or "lungtf" not in text, (case, text)
 
 
 def test_predict_only_methods_and_bad_metadata_fields(live: dict) -> None:
@@ -362,3 +449,125 @@ def test_validate_shipped_and_broken_configs(tmp_path: Path, capsys: pytest.Capt
     bad.write_text("model_config_list { config { nme: 'x' } }")
     assert serving_main(["validate", str(bad)]) == 2
     assert "not a ModelServerConfig text proto" in capsys.readouterr().err
+
+
+class Slow(tf.Module):
+    """A signature that keeps computing for ``seconds`` of wall time whatever the machine's load
+    (a loop of small matmuls until ``tf.timestamp`` says so): a slow model."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(self, image_bytes: tf.Tensor) -> dict:
+        start = tf.timestamp()
+
+        def step(i: tf.Tensor) -> list:
+            m = tf.random.normal([32, 32])
+            return [i + 1 + tf.cast(tf.reduce_sum(tf.matmul(m, m)) > 1e30, tf.int32)]
+
+        done = tf.while_loop(lambda i: tf.timestamp() - start < self.seconds, step, [0])[0]
+        return {"steps": done + 0 * tf.size(image_bytes)}
+
+
+class Faulty(tf.Module):
+    """A signature that fails inside the model with an error naming a server-side path."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(self, image_bytes: tf.Tensor) -> dict:
+        secret = tf.io.read_file("/nonexistent-lungtf-secret/weights.bin")
+        return {"size": tf.strings.length(secret) + tf.size(image_bytes)}
+
+
+@pytest.fixture(scope="module")
+def odd(live: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A second server with ONE worker thread: a slow model, a faulty one and lungtf version 1."""
+    root = tmp_path_factory.mktemp("odd")
+    shutil.copytree(live["base"] / "1", root / "lungtf" / "1")
+    for name, module in (("slow", Slow(4.0)), ("faulty", Faulty())):
+        tf.saved_model.save(module, str(root / name / "1"), signatures={"serving_default": module.serve})
+    config = root / "models.config"
+    config.write_text(
+        "model_config_list {\n"
+        + "".join(
+            f'  config {{ name: "{n}" base_path: "{root / n}" model_platform: "tensorflow" }}\n'
+            for n in ("lungtf", "slow", "faulty")
+        )
+        + "}\n"
+    )
+    proc = launch(["--config", str(config), "--workers", "1"], root / "log")
+    target = wait_ready(proc, root / "log")
+    channel = grpc.insecure_channel(target)
+    yield {"proc": proc, "log": root / "log",
+           "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel)}
+    channel.close()
+    proc.kill()
+    proc.wait()
+
+
+def test_expired_and_cancelled_calls_stop_and_free_the_worker(odd: dict) -> None:
+    """One worker, two slow calls (4 s of work each) whose clients give up after 0.5 s and 1 s:
+    a good call queued behind them is answered about 1 s later, not after 8 s of abandoned work."""
+    slow = request(name="slow", image_bytes=UNDECODABLE)
+    outcomes: list[str] = []
+
+    def give_up_after(seconds: float) -> None:
+        try:
+            odd["predict"].Predict(slow, timeout=seconds)
+            outcomes.append("OK")
+        except grpc.RpcError as err:
+            outcomes.append(err.code().name)
+
+    start = time.monotonic()
+    clients = [threading.Thread(target=give_up_after, args=(t,)) for t in (0.5, 1.0)]
+    for client in clients:
+        client.start()
+        time.sleep(0.05)
+    answer = odd["predict"].Predict(good(), timeout=60)
+    waited = time.monotonic() - start
+    for client in clients:
+        client.join()
+    assert answer.model_spec.name == "lungtf" and outcomes == ["DEADLINE_EXCEEDED"] * 2
+    assert waited < 3.0, f"the good call waited {waited:.1f} s behind abandoned work"
+    deadline = time.monotonic() + 10
+    while odd["log"].read_text().count("request stopped") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert odd["log"].read_text().count("request stopped") == 2
+
+
+def test_internal_errors_keep_their_details_in_the_log(odd: dict) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        odd["predict"].Predict(request(name="faulty", image_bytes=UNDECODABLE), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.details() == handlers.INTERNAL_MESSAGE
+    assert "nonexistent-lungtf-secret" in odd["log"].read_text()  # the operator still sees it
+
+
+def test_version_folders_are_ascii_digits(live: dict, tmp_path: Path) -> None:
+    base = tmp_path / "lungtf"
+    shutil.copytree(live["base"] / "1", base / "1")
+    for name in ("\u00b2", "\u0661\u0662", "9" * 19, "01", "1e3", "-2"):  # ², ١٢, > int64, ...
+        (base / name).mkdir()
+    assert export.numeric_versions(base) == [1]
+    manager = ModelManager([ModelEntry("lungtf", base)])
+    manager.poll(initial=True)
+    manager.poll()
+    assert list(manager.table()["lungtf"]) == [1]
+
+
+def test_limit_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["serve", "--model-base-path", str(tmp_path), "--max-batch-images", "0"]
+    assert serving_main(argv) == 2
+    assert "limits must be integers >= 1" in capsys.readouterr().err
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+    published = {
+        name: service.get("ports", []) for name, service in compose["services"].items()
+    }
+    assert published["serving"] and published["demo"]
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"

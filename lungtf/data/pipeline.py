@@ -4,7 +4,8 @@
 squish-resizes to a square without cropping (as the study), and yields 8-bit RGB batches of raw
 0-255 pixels: the models take float32 pixels and cast on the device, and each does its own
 preprocessing. Casting on the host would cost a third of the pipeline's CPU time and four times
-the bytes in caches, shuffle buffers and host-to-device copies. A file that fails to decode at run
+the bytes in caches, shuffle buffers and host-to-device copies. Every image's header is checked
+before it is decoded (JPEG or PNG, at most ``MAX_IMAGE_PIXELS``). A file that fails to decode at run
 time is skipped with a warning, never stopping the epoch.
 
 Training batches are augmented on the host with the layers of ``lungtf.data.augment`` (the
@@ -27,20 +28,89 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lungtf.constants import CLASS_NAMES, class_index
+from lungtf.constants import CLASS_NAMES, MAX_IMAGE_PIXELS, class_index
 from lungtf.data.augment import RandomFlipRotate, warp_host
 from lungtf.data.ingest import Record
 
 
-def decode_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+_HEADER_BYTES = 24  # PNG: 8-byte signature, IHDR length and type, then width and height
+
+
+def header_size(image_bytes: tf.Tensor) -> tf.Tensor:
+    """``int64 [height, width]`` of one JPEG or PNG, read from its header without decoding.
+
+    JPEG: ``tf.io.extract_jpeg_shape`` (the SOF marker). PNG: the big-endian width and height
+    of the IHDR chunk, bytes 16-23. Anything else fails with ``InvalidArgumentError``, so a
+    caller can refuse an image by its declared size before a decoder allocates it.
+    """
+    head = tf.strings.substr(image_bytes, 0, _HEADER_BYTES)
+    head = tf.strings.substr(tf.strings.join([head, b"\0" * _HEADER_BYTES]), 0, _HEADER_BYTES)
+    raw = tf.io.decode_raw(head, tf.uint8)
+    is_png = tf.reduce_all(raw[:8] == tf.constant(list(PNG_SIGNATURE), tf.uint8)) & tf.reduce_all(
+        raw[12:16] == tf.constant(list(b"IHDR"), tf.uint8)
+    )
+    is_jpeg = tf.reduce_all(raw[:3] == tf.constant(list(JPEG_SIGNATURE), tf.uint8))
+
+    def png() -> tf.Tensor:
+        b = tf.cast(raw, tf.int64)
+        width = b[16] * 2**24 + b[17] * 2**16 + b[18] * 2**8 + b[19]
+        height = b[20] * 2**24 + b[21] * 2**16 + b[22] * 2**8 + b[23]
+        return tf.stack([height, width])
+
+    def jpeg() -> tf.Tensor:
+        return tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64)
+
+    def other() -> tf.Tensor:
+        refuse = tf.debugging.Assert(
+            False, [tf.strings.format("not a JPEG or PNG image ({} bytes)", tf.strings.length(
+                image_bytes))], name="not_jpeg_or_png")
+        with tf.control_dependencies([refuse]):
+            return tf.zeros([2], tf.int64)
+
+    return tf.case([(is_png, png), (is_jpeg, jpeg)], default=other, exclusive=False)
+
+
+def checked_size(
+    image_bytes: tf.Tensor, max_pixels: int = MAX_IMAGE_PIXELS, index: tf.Tensor | None = None
+) -> tf.Tensor:
+    """``header_size`` that fails with ``InvalidArgumentError`` above ``max_pixels``.
+
+    Args:
+        image_bytes: one encoded image (string scalar).
+        max_pixels: the most width x height allowed (``lungtf.constants.MAX_IMAGE_PIXELS``).
+        index: the image's position in its batch, named in the message when given.
+    """
+    size = header_size(image_bytes)
+    what = "image" if index is None else tf.strings.format("image {} of the batch", (index,))
+    refuse = tf.debugging.Assert(
+        size[0] * size[1] <= max_pixels,
+        [tf.strings.join([what, tf.strings.format(
+            " is {} x {} pixels (width x height); at most {} pixels are decoded "
+            "(MAX_IMAGE_PIXELS); resize it first", (size[1], size[0], max_pixels))])],
+        name="too_many_pixels",
+    )
+    with tf.control_dependencies([refuse]):
+        return tf.identity(size)
+
+
+def decode_resize(
+    image_bytes: tf.Tensor, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tf.Tensor:
     """Decode one JPEG/PNG to RGB and squish-resize it to ``image_size`` square (no crop).
+
+    The header is checked first (``checked_size``): other formats and images above
+    ``max_pixels`` fail with ``InvalidArgumentError`` before anything is decoded, so a small
+    file declaring a huge image (a decompression bomb) costs nothing.
 
     Returns:
         ``uint8 [image_size, image_size, 3]``, rounded. Shrinking averages pixel areas (a box
         filter, about twice as fast as antialiased bilinear at the same quality); any other
         change of size is antialiased bilinear; an image already at size is left as it is.
     """
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    with tf.control_dependencies([checked_size(image_bytes, max_pixels)]):
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     size = (image_size, image_size)
     height_width = tf.shape(image)[:2]
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lungtf.serving.config import ConfigError, ModelEntry, check_entries, load_config
+from lungtf.serving.limits import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one")
     run.add_argument("--poll-seconds", type=float, default=1.0, help="base path poll interval")
     run.add_argument("--workers", type=int, default=8, help="request worker threads")
+    defaults = Limits()
+    run.add_argument(
+        "--max-message-bytes", type=int, default=defaults.max_message_bytes,
+        help=f"gRPC message limit, both directions (default {defaults.max_message_bytes}: 64 MiB)",
+    )
+    run.add_argument(
+        "--max-batch-images", type=int, default=defaults.max_batch_images,
+        help=f"most images (batch items) per request (default {defaults.max_batch_images})",
+    )
+    run.add_argument(
+        "--max-image-bytes", type=int, default=defaults.max_image_bytes,
+        help=f"most bytes of one encoded image (default {defaults.max_image_bytes}: 16 MiB)",
+    )
     return parser
 
 
@@ -54,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("lungtf.serving").warning("%s (polling until it appears)", problem)
     else:
         entries = [ModelEntry(args.model_name, Path(args.model_base_path))]
+    try:
+        limits = Limits(args.max_message_bytes, args.max_batch_images, args.max_image_bytes)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from lungtf.serving.server import serve
 
-    return serve(entries, args.host, args.port, args.poll_seconds, args.workers)
+    return serve(entries, args.host, args.port, args.poll_seconds, args.workers, limits=limits)
 
 
 if __name__ == "__main__":

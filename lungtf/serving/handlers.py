@@ -1,17 +1,27 @@
-"""Request handling of the dev server, free of gRPC so tests and warmup replay can call it.
+"""Request handling of the dev server, free of gRPC servers so tests and warmup replay can call it.
 
 Each handler takes a request proto and the manager's table and returns the response proto or
 raises ``ServingError`` with the status code TF Serving gives in the same case:
 
 - no model name -> INVALID_ARGUMENT; unknown model or version -> NOT_FOUND; unknown version label
-  -> INVALID_ARGUMENT; unknown signature -> FAILED_PRECONDITION;
+  -> INVALID_ARGUMENT; unknown signature -> FAILED_PRECONDITION; the messages name what was asked
+  for, never the other models and versions the server holds;
 - missing or extra inputs, a wrong dtype or shape, an empty batch, undecodable image bytes, an
   unknown output filter -> INVALID_ARGUMENT, each message saying what was received;
+- a tensor whose sent values do not match its declared shape, a batch or string item above the
+  server's ``Limits`` -> INVALID_ARGUMENT, checked before anything is allocated
+  (``lungtf.serving.limits``); an image the exported signature refuses (not JPEG/PNG, above
+  ``MAX_IMAGE_PIXELS``, a batch above ``MAX_BATCH_PIXELS``) -> INVALID_ARGUMENT;
+- a client that has gone (deadline passed, call cancelled) -> DEADLINE_EXCEEDED / CANCELLED, and
+  the work stops (``limits.Call``);
+- any other failure inside the model (TF's UNKNOWN, INTERNAL, NOT_FOUND...) -> INTERNAL, and
+  RESOURCE_EXHAUSTED, with a generic message; the details go to the server log only;
 - Classify / Regress / MultiInference on the predict-only lungtf signatures -> INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
@@ -24,24 +34,19 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
+from lungtf.serving.calls import Call
+from lungtf.serving.limits import Limits, ServingError, check_tensor
 from lungtf.serving.models import Servable
 
 DEFAULT_SIGNATURE = "serving_default"
 CODES = {code.value[0]: code for code in grpc.StatusCode}
+INTERNAL_MESSAGE = "the model failed on this request; the server log has the details"
+"""All a client learns of an internal failure: its exception text stays in the server log."""
+MEMORY_MESSAGE = "the server ran out of memory for this request; send fewer or smaller images"
 
+_NOISE = ("Graph execution error", "Detected at node", "<stack traces", "[[", "Traceback", "File ")
 
-class ServingError(Exception):
-    """A request the server answers with a non-OK status.
-
-    Attributes:
-        code: the ``grpc.StatusCode``.
-        message: what was wrong, what was received and what is allowed.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
+log = logging.getLogger("lungtf.serving")
 
 
 Table = dict[str, dict[int, Servable]]
@@ -51,8 +56,7 @@ def resolve(table: Table, spec: Any, labels: dict[str, dict[str, int]] | None = 
     """The servable a ``ModelSpec`` asks for (newest loaded version when none is given)."""
     if not spec.name:
         raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"model_spec.name is empty; served models: {sorted(table)}",
+            grpc.StatusCode.INVALID_ARGUMENT, "model_spec.name is empty; name the model to use"
         )
     versions = table.get(spec.name)
     choice = spec.WhichOneof("version_choice")
@@ -61,8 +65,8 @@ def resolve(table: Table, spec: Any, labels: dict[str, dict[str, int]] | None = 
         if spec.version_label not in known:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"Unrecognized servable version label: {spec.version_label!r}; "
-                f"labels of {spec.name!r}: {sorted(known)}",
+                f"Unrecognized servable version label: {spec.version_label!r} "
+                f"(model {spec.name!r})",
             )
         wanted, request = known[spec.version_label], f"Specific({spec.name}, {spec.version_label})"
     elif choice == "version":
@@ -72,8 +76,7 @@ def resolve(table: Table, spec: Any, labels: dict[str, dict[str, int]] | None = 
     if not versions or wanted not in versions:
         raise ServingError(
             grpc.StatusCode.NOT_FOUND,
-            f"Servable not found for request: {request}; loaded: "
-            + ", ".join(f"{n} {sorted(v)}" for n, v in sorted(table.items())),
+            f"Servable not found for request: {request}",
         )
     return versions[wanted]
 
@@ -94,26 +97,8 @@ def _dtype_name(enum: int) -> str:
     return types_pb2.DataType.Name(enum).removeprefix("DT_").lower()
 
 
-def _check_shape(alias: str, array: Any, info: Any) -> None:
-    if info.tensor_shape.unknown_rank:
-        return
-    dims = [d.size for d in info.tensor_shape.dim]
-    expected = "[" + ", ".join("?" if d < 0 else str(d) for d in dims) + "]"
-    fits = len(dims) == array.ndim and all(d < 0 or d == n for d, n in zip(dims, array.shape))
-    if not fits:
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {alias!r} has shape {list(array.shape)}; the signature expects {expected}",
-        )
-    if dims and array.shape[0] == 0:
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {alias!r} is an empty batch (shape {list(array.shape)}); send at least one item",
-        )
-
-
-def convert_inputs(inputs: Any, sig_key: str, sig: Any) -> dict[str, Any]:
-    """Check request inputs against the SignatureDef and turn them into tensors."""
+def convert_inputs(inputs: Any, sig_key: str, sig: Any, limits: Limits) -> dict[str, Any]:
+    """Check request inputs against the SignatureDef and the limits, then make them tensors."""
     sent, expected = set(inputs), set(sig.inputs)
     if sent != expected:
         raise ServingError(
@@ -122,8 +107,7 @@ def convert_inputs(inputs: Any, sig_key: str, sig: Any) -> dict[str, Any]:
             f"{sorted(expected)}. Sent extra: {sorted(sent - expected)}. "
             f"Missing but required: {sorted(expected - sent)}.",
         )
-    tensors = {}
-    for alias, proto in inputs.items():
+    for alias, proto in inputs.items():  # every input is checked before any is allocated
         info = sig.inputs[alias]
         if proto.dtype != info.dtype:
             raise ServingError(
@@ -131,14 +115,17 @@ def convert_inputs(inputs: Any, sig_key: str, sig: Any) -> dict[str, Any]:
                 f"Expects arg[{alias!r}] to be {_dtype_name(info.dtype)} but "
                 f"{_dtype_name(proto.dtype)} is provided",
             )
+        check_tensor(alias, proto, info, limits)
+    tensors = {}
+    for alias, proto in inputs.items():
         try:
             array = tf.make_ndarray(proto)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError):
             raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"input {alias!r} is not a valid tensor: {err}"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {alias!r} is not a valid {_dtype_name(proto.dtype)} tensor",
             ) from None
-        _check_shape(alias, array, info)
-        tensors[alias] = tf.constant(array, dtype=tf.dtypes.as_dtype(info.dtype))
+        tensors[alias] = tf.constant(array, dtype=tf.dtypes.as_dtype(sig.inputs[alias].dtype))
     return tensors
 
 
@@ -154,14 +141,33 @@ def _describe(tensors: dict[str, Any]) -> str:
 
 
 def _op_message(err: Any) -> str:
+    """The useful line of a TF op error the client caused: an ``Assert``'s own message, else the
+    first line that is not TF's framing (node names, stack traces), at most 300 characters."""
     lines = [ln.strip() for ln in str(err.message).splitlines()]
-    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[", "")
-    useful = [ln for ln in lines if not ln.startswith(noise)]
-    return useful[0] if useful else lines[0]
+    useful = [ln for ln in lines if ln and not ln.startswith(_NOISE)]
+    text = useful[0] if useful else "the signature refused the input"
+    if "assertion failed: [" in text:
+        text = text.split("assertion failed: [", 1)[1].rsplit("]", 1)[0]
+    return text.split("}} ")[-1][:300]
 
 
-def predict(table: Table, request: Any, labels: dict | None = None) -> Any:
-    """Answer a ``PredictRequest`` (see the module docstring for the error contract)."""
+def predict(
+    table: Table,
+    request: Any,
+    labels: dict | None = None,
+    limits: Limits | None = None,
+    call: Call | None = None,
+) -> Any:
+    """Answer a ``PredictRequest`` (see the module docstring for the error contract).
+
+    Args:
+        table: the manager's ``{name: {version: Servable}}``.
+        request: the ``PredictRequest``.
+        labels: version labels per model.
+        limits: size limits (``Limits()`` defaults when ``None``).
+        call: the RPC, so work stops once its client has gone; ``None`` for warmup replay.
+    """
+    limits, call = limits or Limits(), call or Call()
     servable = resolve(table, request.model_spec, labels)
     sig_key, sig = signature(servable, request.model_spec.signature_name)
     unknown = sorted(set(request.output_filter) - set(sig.outputs))
@@ -170,16 +176,25 @@ def predict(table: Table, request: Any, labels: dict | None = None) -> Any:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"output_filter {unknown} not in signature {sig_key!r}; outputs: {sorted(sig.outputs)}",
         )
-    tensors = convert_inputs(request.inputs, sig_key, sig)
+    call.check("reading the inputs")
+    tensors = convert_inputs(request.inputs, sig_key, sig, limits)
+    call.check(f"running signature {sig_key!r}")
     try:
-        outputs = servable.function(sig_key)(**tensors)
+        outputs = call.run(servable.function(sig_key), **tensors)
+    except tf.errors.CancelledError:
+        call.check(f"signature {sig_key!r} finished")
+        raise ServingError(grpc.StatusCode.CANCELLED, "the call was cancelled") from None
     except tf.errors.OpError as err:
         code = CODES.get(err.error_code, grpc.StatusCode.INTERNAL)
-        if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK):
-            code = grpc.StatusCode.INTERNAL
-        raise ServingError(
-            code, f"signature {sig_key!r} failed on {_describe(tensors)}: {_op_message(err)}"
-        ) from None
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+            raise ServingError(  # the request's fault: say what in it was refused
+                code, f"signature {sig_key!r} failed on {_describe(tensors)}: {_op_message(err)}"
+            ) from None
+        log.error("signature %r of %s version %d failed on %s: %s", sig_key, servable.name,
+                  servable.version, _describe(tensors), err.message)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise ServingError(code, MEMORY_MESSAGE) from None
+        raise ServingError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE) from None
     response = predict_pb2.PredictResponse()
     response.model_spec.name, response.model_spec.signature_name = servable.name, sig_key
     response.model_spec.version.value = servable.version
@@ -214,22 +229,20 @@ def model_status(table: Table, request: Any) -> Any:
     spec = request.model_spec
     if not spec.name:
         raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"model_spec.name is empty; served models: {sorted(table)}",
+            grpc.StatusCode.INVALID_ARGUMENT, "model_spec.name is empty; name the model to use"
         )
     versions = sorted(table.get(spec.name, {}))
     if spec.HasField("version"):
         if spec.version.value not in versions:
             raise ServingError(
                 grpc.StatusCode.NOT_FOUND,
-                f"Could not find version {spec.version.value} of model {spec.name!r}; "
-                f"loaded: {versions}",
+                f"Could not find version {spec.version.value} of model {spec.name!r}",
             )
         versions = [spec.version.value]
     if not versions:
         raise ServingError(
             grpc.StatusCode.NOT_FOUND,
-            f"Could not find any versions of model {spec.name!r}; served models: {sorted(table)}",
+            f"Could not find any versions of model {spec.name!r}",
         )
     response = get_model_status_pb2.GetModelStatusResponse()
     for version in versions:

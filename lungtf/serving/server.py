@@ -25,19 +25,20 @@ from tensorflow_serving.apis import (
 
 from lungtf.export import WARMUP_FILE
 from lungtf.serving import handlers
+from lungtf.serving.calls import Call
 from lungtf.serving.config import ModelEntry
-from lungtf.serving.handlers import ServingError
+from lungtf.serving.limits import Limits, ServingError
 from lungtf.serving.models import ModelManager, Servable
 
 log = logging.getLogger("lungtf.serving")
 
-MAX_MESSAGE_BYTES = 2**31 - 1
-"""TF Serving's gRPC message limit (2 GiB - 1) for both directions."""
-
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+def grpc_options(limits: Limits) -> list[tuple[str, int]]:
+    """gRPC server options: the message limit in both directions (gRPC answers
+    RESOURCE_EXHAUSTED above it, before the handler sees the request)."""
+    return [
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+    ]
 
 
 def replay_warmup(servable: Servable) -> int:
@@ -68,22 +69,28 @@ def _answer(handler: Any, request: Any, context: Any) -> Any:
         return handler(request)
     except ServingError as err:
         code, message = err.code, err.message
-    except Exception as err:  # an unexpected bug still answers with a status, not a crash
-        log.exception("request failed")
-        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+    except Exception:  # an unexpected bug still answers with a status, not a crash
+        log.exception("request failed")  # the details stay here, not in the client's answer
+        code, message = grpc.StatusCode.INTERNAL, handlers.INTERNAL_MESSAGE
+    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+        log.info("request stopped: %s", message)
     context.abort(code, message)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """tensorflow.serving.PredictionService over a ``ModelManager``."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, limits: Limits) -> None:
         self.manager = manager
+        self.limits = limits
         self.labels = {name: e.labels for name, e in manager.entries.items()}
 
     def Predict(self, request: Any, context: Any) -> Any:
+        call = Call(context)
         return _answer(
-            lambda r: handlers.predict(self.manager.table(), r, self.labels), request, context
+            lambda r: handlers.predict(self.manager.table(), r, self.labels, self.limits, call),
+            request,
+            context,
         )
 
     def GetModelMetadata(self, request: Any, context: Any) -> Any:
@@ -148,8 +155,12 @@ def serve(
     poll_seconds: float = 1.0,
     workers: int = 8,
     grace_seconds: float = 10.0,
+    limits: Limits | None = None,
 ) -> int:
     """Load the models, serve gRPC until SIGTERM/SIGINT, then stop gracefully.
+
+    ``limits`` bound what one request may ask (message size, images per request, bytes per
+    image; ``Limits()`` defaults when ``None``).
 
     Prints ``listening on HOST:PORT`` (with the real port when ``port`` is 0) once requests are
     accepted, so a parent process can read where to connect.
@@ -157,15 +168,16 @@ def serve(
     Returns:
         The process exit code (0 after a graceful stop).
     """
+    limits = limits or Limits()
     manager = ModelManager(entries, on_load=replay_warmup)
     manager.poll(initial=True)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungtf-rpc"),
-        options=GRPC_OPTIONS,
+        options=grpc_options(limits),
         maximum_concurrent_rpcs=4 * workers,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager), server
+        PredictionService(manager, limits), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     try:
