@@ -1,7 +1,7 @@
 """Web demo: drop in lung tiles and see what the served model answers.
 
 ``python -m lungtf.demo --target HOST:PORT [--port 7860] [--host 127.0.0.1] [--examples DIR ...]
-[--run RUN_DIR]``
+[--run RUN_DIR [--data-root DIR]]``
 
 The page is a Gradio app and a *client* of the served model: every answer comes from the gRPC
 server (``python -m lungtf.serving`` in development, TensorFlow Serving in production) through
@@ -17,17 +17,26 @@ server's INVALID_ARGUMENT message next to it, and the page stays usable. The foo
 served version, the model's test accuracy and missed cancers with their split protocol, and that
 this is a research tool, not a diagnosis. Analytics are off, there is no share link, and the app
 binds 127.0.0.1 unless told otherwise.
+
+Files: the page serves exactly its example tiles (each a JPEG/PNG file whose resolved path lies
+inside its example folder, or inside the run's data root for ``--run``; symlinks that lead out
+are skipped), never their folders. Uploads land in a private temporary folder (mode 0700, not
+the shared ``/tmp/gradio``) that Gradio empties of files older than ``CACHE_SECONDS[1]`` every
+``CACHE_SECONDS[0]`` seconds and that is removed when the process ends; at most
+``MAX_FILES_PER_UPLOAD`` files are classified at once; thumbnails open only JPEG/PNG up to
+``MAX_IMAGE_PIXELS`` and shrink while decoding.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import csv
+import atexit
+import functools
 import html
-import io
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +46,10 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import tim
 
 import gradio as gr
 import grpc
-from PIL import Image
 
 from lungtf.client import IMAGE_SUFFIXES, LungClient, LungClientError, Prediction
 from lungtf.constants import CLASS_DESCRIPTIONS, CLASS_NAMES, PROTOCOL_GROUPED
+from lungtf.demo_files import find_examples, thumbnail_uri
 
 UNCERTAIN = "Uncertain \u2014 refer to a pathologist"
 DISCLAIMER = (
@@ -48,6 +57,10 @@ DISCLAIMER = (
     "Every tile needs a pathologist's review."
 )
 UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+MAX_FILES_PER_UPLOAD = 16
+"""Most files classified from one upload (one Predict call each); more are refused, not queued."""
+CACHE_SECONDS = (60, 300)
+"""Gradio's ``delete_cache``: every 60 s, uploads older than 300 s are deleted."""
 CSS = """
 .lungtf-tile {border: 1px solid #d0d0d0; border-radius: 8px; padding: 10px; margin: 8px 0;
   display: flex; gap: 12px; align-items: flex-start;}
@@ -83,19 +96,6 @@ class TileResult:
     prediction: Prediction | None = None
     error: str | None = None
     thumbnail: str | None = None
-
-
-def thumbnail_uri(path: str | Path, size: int = 96) -> str | None:
-    """A small JPEG ``data:`` URI of an image file, or ``None`` when it cannot be decoded here."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=85)
-    except (OSError, Image.DecompressionBombError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def render_tile(result: TileResult, threshold: float | None) -> str:
@@ -195,56 +195,6 @@ def footer_text(
     return " \u00b7 ".join(parts) + f"\n\n**{DISCLAIMER}**"
 
 
-def interleave(groups: dict[str, list[Path]], prefix: str, limit: int) -> list[tuple[str, str]]:
-    """Up to ``limit`` ``(absolute path, prefix + group)`` pairs, one tile of each group in turn
-    (groups and tiles sorted), so every class appears among the first examples."""
-    queues = [(name, sorted(paths)) for name, paths in sorted(groups.items())]
-    picked: list[tuple[str, str]] = []
-    for i in range(max((len(q) for _, q in queues), default=0)):
-        picked += [(str(q[i].resolve()), prefix + name) for name, q in queues if i < len(q)]
-    return picked[:limit]
-
-
-def find_examples(
-    folders: Sequence[str | Path] = (), run_dir: str | Path | None = None, per_source: int = 6
-) -> list[tuple[str, str]]:
-    """Example tiles as ``(absolute path, caption)``: from image folders and a run's test split.
-
-    Args:
-        folders: folders of JPEG/PNG tiles, searched recursively (a class folder, or a root with
-            one sub-folder per class); captioned with the folder that holds each tile.
-        run_dir: a training run directory; tiles of its ``splits.csv`` with ``split == test``,
-            captioned ``test: <label>``. Relative paths resolve against the run directory.
-        per_source: the most examples taken from each folder and from the run, alternating
-            between sub-folders or classes.
-
-    Raises:
-        FileNotFoundError: a folder, run directory or its ``splits.csv`` does not exist.
-    """
-    out: list[tuple[str, str]] = []
-    for folder in map(Path, folders):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--examples folder not found: {folder}")
-        by_folder: dict[str, list[Path]] = {}
-        for path in folder.rglob("*"):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                by_folder.setdefault(path.parent.name, []).append(path)
-        out += interleave(by_folder, "", per_source)
-    if run_dir is not None:
-        manifest = Path(run_dir) / "splits.csv"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"--run needs a run directory with splits.csv; got {run_dir}")
-        by_label: dict[str, list[Path]] = {}
-        with open(manifest, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                if row.get("split") == "test":
-                    path = Path(row["path"])
-                    path = path if path.is_absolute() else manifest.parent / path
-                    by_label.setdefault(row["label"], []).append(path)
-        out += interleave(by_label, "test: ", per_source)
-    return out
-
-
 class DemoBackend:
     """Turns files into page content by asking the served model (one ``LungClient``)."""
 
@@ -269,11 +219,17 @@ class DemoBackend:
     def classify(self, paths: Sequence[str]) -> tuple[str, str]:
         """``(results HTML, footer markdown)`` for image files, one Predict call per file.
 
-        One call per file lets a file the server cannot decode get its own INVALID_ARGUMENT
+        More than ``MAX_FILES_PER_UPLOAD`` files are refused as a whole. One call per file lets a file the server cannot decode get its own INVALID_ARGUMENT
         message while the others still get answers. An unreachable server stops the loop and
         gives one page-level message naming the target and the tiles left unanswered.
         """
         names = [Path(p).name for p in paths]
+        if len(paths) > MAX_FILES_PER_UPLOAD:
+            alert = (
+                f"{len(paths)} files at once; at most {MAX_FILES_PER_UPLOAD} are classified per "
+                "upload. Upload fewer."
+            )
+            return render_results([], None, alert), self.footer()
         metadata, version, problem = self.model_info()
         threshold = None if metadata is None else metadata.get("uncertainty_threshold")
         results: list[TileResult] = []
@@ -297,18 +253,41 @@ class DemoBackend:
         return render_results(results, threshold, alert), footer
 
 
-def build_app(backend: DemoBackend, examples: Sequence[tuple[str, str]] = ()) -> Any:
+@functools.cache
+def private_cache() -> Path:
+    """This process's temporary folder for Gradio's uploads (mode 0700), removed at exit.
+
+    Gradio's default cache is the shared ``/tmp/gradio``, where uploaded tiles would stay
+    readable by other local users. The folder is made once per process, inside
+    ``$GRADIO_TEMP_DIR`` when that is set, and ``GRADIO_TEMP_DIR`` then names it: Gradio reads
+    that variable whenever it checks where an upload may live, so one process has one cache.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="lungtf-demo-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder
+
+
+def build_app(
+    backend: DemoBackend,
+    examples: Sequence[tuple[str, str]] = (),
+    cache_seconds: tuple[int, int] = CACHE_SECONDS,
+) -> Any:
     """The Gradio page: upload box, example gallery, results panel and footer.
 
     The footer is refreshed on every page load and with every answer, so it follows hot-swapped
-    model versions and a server that comes back.
+    model versions and a server that comes back. Uploads go to a ``private_cache`` folder;
+    every ``cache_seconds[0]`` s Gradio deletes the ones older than ``cache_seconds[1]`` s.
     """
     example_paths = [path for path, _ in examples]
-    with gr.Blocks(title="lungtf: lung tile classifier", analytics_enabled=False) as app:
+    private_cache()
+    with gr.Blocks(
+        title="lungtf: lung tile classifier", analytics_enabled=False, delete_cache=cache_seconds
+    ) as app:
         gr.Markdown(
             "# Lung histopathology tile classifier\n"
-            "Upload one or several lung tiles (JPEG/PNG) or click an example. Every answer comes "
-            f"from the model served at `{backend.target}`."
+            f"Upload up to {MAX_FILES_PER_UPLOAD} lung tiles (JPEG/PNG) or click an example. "
+            f"Every answer comes from the model served at `{backend.target}`."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -360,6 +339,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--run", help="a training run directory: examples from its test split")
     parser.add_argument(
+        "--data-root", help="folder the --run tiles must lie in (default: its config.yaml data)"
+    )
+    parser.add_argument(
         "--per-source", type=int, default=6, help="examples taken from each folder and from the run"
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per gRPC call")
@@ -369,10 +351,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def launch(
     app: Any, host: str, port: int, examples: Sequence[tuple[str, str]], block: bool = True
 ) -> str:
-    """Serve ``app`` on ``host:port`` with no share link and uploads of at most 25 MB; example
-    folders are the only extra files the page may serve. Returns the page's local URL (at once
-    when ``block`` is false, after the server stops otherwise)."""
-    allowed = sorted({str(Path(path).parent) for path, _ in examples})
+    """Serve ``app`` on ``host:port`` with no share link and uploads of at most 25 MB; the
+    example files themselves (not their folders) are the only extra files the page may serve.
+    Returns the page's local URL (at once when ``block`` is false, after the server stops
+    otherwise)."""
+    allowed = sorted({str(Path(path).resolve()) for path, _ in examples})
     _, url, _ = app.launch(
         server_name=host,
         server_port=port,
@@ -392,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo until interrupted; returns the exit code (2 on bad example sources)."""
     args = parse_args(argv)
     try:
-        examples = find_examples(args.examples, args.run, args.per_source)
+        examples = find_examples(args.examples, args.run, args.per_source, args.data_root)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,17 +4,21 @@ headless Chromium against a live dev server serving a tiny exported model."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import socket
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import write_tile
+from conftest import png_bomb, write_tile
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -124,14 +128,53 @@ def test_examples_from_folders_and_run_test_split(tiny_folder: Path, tmp_path: P
                 path = tiny_folder / name / f"{name}{i}.jpeg"
                 rel = Path("..") / path.relative_to(tmp_path) if c == 0 else path
                 writer.writerow([rel, name, f"g{c}{i}", split, "grouped"])
-    picked = demo.find_examples(run_dir=run, per_source=4)
+    picked = demo.find_examples(run_dir=run, per_source=4, data_root=tiny_folder)
     assert [c for _, c in picked] == [f"test: {n}" for n in (*CLASS_NAMES, "lung_aca")]
     assert picked[0][0] == str((tiny_folder / "lung_aca" / "lung_aca0.jpeg").resolve())
     assert picked[3][0].endswith("lung_aca1.jpeg")
     with pytest.raises(FileNotFoundError, match="splits.csv"):
         demo.find_examples(run_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="--data-root"):  # no config.yaml naming the data
+        demo.find_examples(run_dir=run)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         demo.find_examples([tmp_path / "nowhere"])
+
+
+def test_examples_are_only_jpeg_png_files_inside_their_folder(tmp_path: Path) -> None:
+    """A symlink leading out, a non-image, a renamed text file and hostile splits.csv rows
+    (absolute, ``..``, a symlinked folder) are never examples, so the page never serves them."""
+    secret = write_tile(tmp_path / "private" / "patient.png", seed=1)
+    (tmp_path / "private" / "notes.png").write_text("not an image")
+    folder = tmp_path / "examples" / "lung_n"
+    tile = write_tile(folder / "n0.jpeg", seed=2)
+    (folder / "link.png").symlink_to(secret)
+    (folder / "renamed.png").write_text("text, not a PNG")
+    (folder / "page.html").write_text("<html></html>")
+    (folder.parent / "outside").symlink_to(tmp_path / "private", target_is_directory=True)
+    found = demo.find_examples([folder.parent], per_source=10)
+    assert [p for p, _ in found] == [str(tile.resolve())]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"data:\n  data: {folder.parent}\n")
+    rows = [tile, secret, Path("../private/patient.png"), Path("/etc/passwd"),
+            folder.parent / "outside" / "patient.png", folder / "link.png"]  # fmt: skip
+    with open(run / "splits.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "group", "split", "protocol"])
+        writer.writerows([row, "lung_n", f"g{i}", "test", "grouped"] for i, row in enumerate(rows))
+    assert [p for p, _ in demo.find_examples(run_dir=run)] == [str(tile.resolve())]
+
+
+def test_thumbnails_open_only_small_jpeg_and_png(tmp_path: Path) -> None:
+    tile = write_tile(tmp_path / "a.jpeg", seed=3, size=300)
+    assert demo.thumbnail_uri(tile).startswith("data:image/jpeg;base64,")
+    Image.open(tile).save(tmp_path / "a.gif")
+    Image.open(tile).save(tmp_path / "a.bmp")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb())
+    start = time.monotonic()
+    assert [demo.thumbnail_uri(tmp_path / n) for n in ("a.gif", "a.bmp", "bomb.png")] == [None] * 3
+    assert time.monotonic() - start < 1  # the bomb is refused from its header, not decoded
 
 
 def test_command_line_defaults_and_bad_examples(tmp_path: Path, capsys) -> None:
@@ -184,7 +227,7 @@ def live(
     except pytest.skip.Exception:
         tile = write_tile(root / "upload" / "tile.jpeg", seed=1, size=64)
         example_dir = root / "lung_n"
-        for i in range(3):
+        for i in range(5):  # 4 examples, and one tile beside them that is not an example
             write_tile(example_dir / f"n{i}.png", seed=10 + i, size=64, cls=1)
     examples = demo.find_examples([example_dir], per_source=4)
     tiles = [tile, *(Path(path) for path, _ in examples)]
@@ -223,6 +266,57 @@ def test_backend_answers_good_tiles_and_names_undecodable_ones(live: dict) -> No
     app = live["app"]
     assert (app.analytics_enabled, app.share, app.server_name) == (False, False, "127.0.0.1")
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_too_many_files_at_once_are_refused(live: dict) -> None:
+    tiles = [str(live["tile"])] * (demo.MAX_FILES_PER_UPLOAD + 1)
+    page, _ = live["backend"].classify(tiles)
+    assert f"{len(tiles)} files at once; at most {demo.MAX_FILES_PER_UPLOAD}" in page
+    assert "lungtf-tile" not in page  # refused as a whole: no Predict call made
+
+
+def test_page_serves_its_example_files_and_nothing_beside_them(live: dict) -> None:
+    example = Path(live["examples"][0][0])
+    shown = dict(live["examples"])
+    beside = min(p for p in example.parent.iterdir() if str(p.resolve()) not in shown)
+
+    def status(path: Path) -> int:
+        try:
+            with urllib.request.urlopen(f"{live['url']}gradio_api/file={path}", timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert status(example) == 200
+    assert status(beside) in (403, 404)
+    assert status(Path("/etc/hostname")) in (403, 404)
+
+
+def test_uploads_go_to_a_private_cache_that_is_emptied(live: dict) -> None:
+    app = demo.build_app(live["backend"], live["examples"], cache_seconds=(1, 1))
+    url = demo.launch(app, "127.0.0.1", free_port(), live["examples"], block=False)
+    try:
+        cache = Path(os.environ["GRADIO_TEMP_DIR"])
+        assert cache != Path(tempfile.gettempdir()) / "gradio"
+        assert cache.stat().st_mode & 0o777 == 0o700  # other local users cannot list or read it
+        boundary = "lungtf-test-boundary"
+        body = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+            f'filename="tile.jpeg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        ).encode() + live["tile"].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        upload = urllib.request.Request(
+            f"{url}gradio_api/upload", data=body, method="POST",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )  # fmt: skip
+        with urllib.request.urlopen(upload, timeout=30) as response:
+            (stored,) = json.loads(response.read())
+        assert Path(stored).is_file() and Path(stored).is_relative_to(cache)
+        deadline = time.monotonic() + 15
+        while Path(stored).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not Path(stored).exists(), "the upload was never deleted"
+    finally:
+        app.close()
 
 
 @pytest.fixture(scope="module")
