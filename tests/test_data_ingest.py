@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tile
+from conftest import png_bomb, write_tile
 from PIL import Image
 
 from lungtf.constants import CLASS_NAMES
@@ -193,3 +194,52 @@ def test_cli_check_without_usable_images(tmp_path: Path, capsys):
     (tmp_path / "lung_n" / "empty.png").write_bytes(b"")
     assert main(["check", "--data", str(tmp_path)]) == 1
     assert "no usable images" in capsys.readouterr().out
+
+
+def test_files_outside_the_data_root_are_refused(tiny_folder: Path, tmp_path: Path):
+    """Symlinks leading out of a folder dataset, and manifest rows with ``..`` or a symlink on
+    the way, are refused by default; ``root`` also holds absolute rows; ``confine=False`` reads."""
+    outside = write_tile(tmp_path / "elsewhere" / "secret.jpeg", seed=5)
+    (tiny_folder / "lung_n" / "link.jpeg").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"1 file\(s\) lead out of the data root.*link.jpeg"):
+        load_records(tiny_folder)
+    assert len(load_records(tiny_folder, confine=False)) == 25
+    (tiny_folder / "lung_n" / "link.jpeg").unlink()
+    (tiny_folder / "lung_n" / "more").symlink_to(outside.parent, target_is_directory=True)
+    assert len(load_records(tiny_folder)) == 24  # a symlinked folder is not walked into
+    (tiny_folder / "lung_n" / "more").unlink()
+    (tiny_folder / "via-link").symlink_to(outside.parent, target_is_directory=True)
+    inside = tiny_folder / "lung_aca" / "lung_aca0.jpeg"
+    manifest = tiny_folder / "m.csv"
+    for row in ("../elsewhere/secret.jpeg", str(tiny_folder / "via-link" / "secret.jpeg"),
+                str(tiny_folder / "lung_aca" / ".." / ".." / "elsewhere" / "secret.jpeg")):
+        manifest.write_text(f"path,label\nlung_aca/lung_aca0.jpeg,lung_aca\n{row},lung_n\n")
+        with pytest.raises(ValueError, match="lie outside the data root"):
+            load_records(manifest)
+        assert [r.path for r in load_records(manifest, confine=False)][1] == str(outside)
+    manifest.write_text(f"path,label\n{inside},lung_aca\n{outside},lung_n\n")
+    assert len(load_records(manifest)) == 2  # canonical absolute rows, as split manifests hold
+    with pytest.raises(ValueError, match=r"1 file\(s\).*secret.jpeg"):
+        load_records(manifest, root=tiny_folder)
+
+
+def test_huge_images_are_refused_from_their_header(tmp_path: Path):
+    big = tmp_path / "big.png"
+    Image.new("L", (5000, 5000)).save(big)  # 25 M pixels: PIL opens it without complaint
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb())  # 20000 x 20000 in 389 KB
+    start = time.monotonic()
+    assert check_image(str(big)) == "too large: 5000x5000 px (at most 16777216 pixels)"
+    assert check_image(str(bomb)).startswith("too large")
+    assert time.monotonic() - start < 1  # neither was decoded
+    assert check_image(str(big), max_pixels=25_000_000) is None
+
+
+def test_cli_check_allows_outside_root_on_request(tiny_folder: Path, tmp_path: Path, capsys):
+    from lungtf.data.__main__ import main
+
+    (tiny_folder / "lung_n" / "link.jpeg").symlink_to(write_tile(tmp_path / "x.jpeg", seed=9))
+    with pytest.raises(ValueError, match="lead out of the data root"):
+        main(["check", "--data", str(tiny_folder)])
+    assert main(["check", "--data", str(tiny_folder), "--allow-outside-root"]) == 0
+    assert "total           25      25     0" in capsys.readouterr().out

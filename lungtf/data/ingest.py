@@ -12,7 +12,17 @@ and a split manifest:
 
 A folder whose only sub-folder holds one of those layouts (e.g. what kagglehub unpacks) is
 followed down. ``check_images`` then opens every file: a broken file is reported and skipped,
-so one bad tile never stops an epoch.
+so one bad tile never stops an epoch; so is an image whose header declares more than
+``MAX_IMAGE_PIXELS`` (4096 x 4096), before anything is decoded.
+
+Confinement (``confine=True``, the default): every file must lie inside the *data root*, so a
+dataset cannot make training read files elsewhere. The data root is ``root`` when given, else
+the class root of a folder dataset, else a manifest's own folder. A file whose resolved path
+leaves the data root (a symlink leading out, a manifest row with ``..``) is refused with
+``ValueError``. A manifest's absolute rows are held to ``root`` when one is given; without one
+they must be canonical (no ``..``, no symlink on the way), because the split manifests lungtf
+writes list absolute paths to data kept elsewhere. ``confine=False`` (``--allow-outside-root``)
+turns the check off.
 
 Colour policy: grayscale (``L``, ``LA``), palette (``P``) and alpha (``RGBA``) images are *kept*
 and converted to RGB by the pipeline (``tf.io.decode_image(channels=3)`` replicates gray and drops
@@ -32,7 +42,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from lungtf.constants import CLASS_NAMES, SPLIT_NAMES
+from lungtf.constants import CLASS_NAMES, MAX_IMAGE_PIXELS, SPLIT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +78,17 @@ class BadFile:
     reason: str
 
 
-def load_records(source: str | os.PathLike) -> list[Record]:
+def load_records(
+    source: str | os.PathLike, root: str | os.PathLike | None = None, confine: bool = True
+) -> list[Record]:
     """Read every image of a dataset folder or CSV manifest.
 
     Args:
         source: a class-folder dataset, the LC25000 root, a folder holding one of these as its
             only sub-folder, or a CSV manifest ``path,label[,group[,split[,protocol]]]``.
+        root: the data root every file must lie in (see the module docstring); default: the
+            class root of a folder dataset, or the manifest's folder.
+        confine: refuse files outside the data root (default); ``False`` reads them.
 
     Returns:
         Records with absolute paths; folder datasets sorted by class then path, manifests in file
@@ -82,18 +97,22 @@ def load_records(source: str | os.PathLike) -> list[Record]:
     Raises:
         FileNotFoundError: ``source`` does not exist.
         ValueError: unknown class folders or labels, a manifest without ``path``/``label``
-            columns, or a folder that holds no class folders.
+            columns, a folder that holds no class folders, or (``confine``) files outside the
+            data root.
     """
     src = Path(source).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"dataset not found: {src} (expected a folder or a CSV manifest)")
     if src.is_file():
-        return _read_csv(src)
-    root = find_class_root(src.resolve())
+        records = _read_csv(src)
+        if confine:
+            _confine(records, src, Path(root) if root is not None else None)
+        return records
+    class_root = find_class_root(src.resolve())
     records: list[Record] = []
     skipped = 0
-    for label in sorted(p.name for p in _subdirs(root)):
-        for path in sorted((root / label).rglob("*")):
+    for label in sorted(p.name for p in _subdirs(class_root)):
+        for path in sorted((class_root / label).rglob("*")):
             if not path.is_file():
                 continue
             if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -102,11 +121,41 @@ def load_records(source: str | os.PathLike) -> list[Record]:
                 skipped += 1
     if skipped:
         log.info("ignored %d non-image files (suffix not in %s) under %s", skipped,
-                 ", ".join(IMAGE_SUFFIXES), root)
+                 ", ".join(IMAGE_SUFFIXES), class_root)
+    if confine:
+        inside = Path(root).resolve() if root is not None else class_root
+        _refuse([r.path for r in records if not Path(r.path).resolve().is_relative_to(inside)],
+                f"lead out of the data root {inside} (symlinks)")
     missing = sorted(set(CLASS_NAMES) - {r.label for r in records})
     if missing:
-        log.warning("no images for class(es) %s under %s", ", ".join(missing), root)
+        log.warning("no images for class(es) %s under %s", ", ".join(missing), class_root)
     return records
+
+
+def _refuse(paths: list[str], why: str) -> None:
+    if paths:
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise ValueError(
+            f"{len(paths)} file(s) {why}: {shown}. Only files inside the data root are read; "
+            "name the right root (root=, --data-root) or turn the check off "
+            "(confine=False, --allow-outside-root)"
+        )
+
+
+def _confine(records: list[Record], manifest: Path, root: Path | None) -> None:
+    """Refuse manifest rows outside the data root (see the module docstring)."""
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        written = [Path((row.get("path") or "").strip()).expanduser() for row in csv.DictReader(fh)]
+    inside = (root or manifest.parent).resolve()
+    outside = []
+    for as_written, record in zip(written, records):
+        real = Path(record.path)
+        if as_written.is_absolute() and root is None:
+            if ".." in as_written.parts or os.path.abspath(as_written) != str(real):  # a symlink
+                outside.append(str(as_written))
+        elif not real.is_relative_to(inside):
+            outside.append(str(as_written))
+    _refuse(outside, f"of {manifest} lie outside the data root {inside}")
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -174,11 +223,15 @@ def _read_csv(path: Path) -> list[Record]:
     return records
 
 
-def check_image(path: str, min_side: int = 32) -> str | None:
+def check_image(
+    path: str, min_side: int = 32, max_pixels: int = MAX_IMAGE_PIXELS
+) -> str | None:
     """Return why ``path`` cannot be trained on, or ``None`` when it is usable.
 
-    The whole image is decoded (JPEGs at 1/8 scale via PIL's ``draft``, which still reads every
-    byte of the compressed data), so truncated files are caught, not only bad headers.
+    The size is read from the header first: an image above ``max_pixels`` is refused before it
+    is decoded. Otherwise the whole image is decoded (JPEGs at 1/8 scale via PIL's ``draft``,
+    which still reads every byte of the compressed data), so truncated files are caught, not
+    only bad headers.
     """
     try:
         size = os.path.getsize(path)
@@ -195,12 +248,16 @@ def check_image(path: str, min_side: int = 32) -> str | None:
             width, height = img.size
             if min(width, height) < min_side:
                 return f"too small: {width}x{height} px (smallest side must be >= {min_side})"
+            if width * height > max_pixels:
+                return f"too large: {width}x{height} px (at most {max_pixels} pixels)"
             if img.format == "JPEG":
                 img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
             img.load()
     except UnidentifiedImageError:
         return "not an image (unrecognised content)"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:  # PIL's own limit, above ours: refused at open
+        return f"too large: more than {max_pixels} pixels"
+    except (OSError, SyntaxError, ValueError) as err:
         return f"cannot decode: {err}"
     return None
 
@@ -237,7 +294,7 @@ def write_bad_report(bad: list[BadFile], path: str | os.PathLike) -> None:
 
 
 def _check_command(args: argparse.Namespace) -> int:
-    records = load_records(args.data)
+    records = load_records(args.data, args.data_root, confine=not args.allow_outside_root)
     good, bad = check_images(records, min_side=args.min_side)
     total, usable = Counter(r.label for r in records), Counter(r.label for r in good)
     print(f"{'class':<10} {'files':>7} {'usable':>7} {'bad':>5}")
@@ -266,4 +323,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", help="write the bad files as a path,reason CSV here")
     p.add_argument("--min-side", type=int, default=32,
                    help="smallest allowed image side in pixels (default 32)")
+    p.add_argument("--data-root",
+                   help="folder every file must lie in (default: the class root, or the "
+                        "manifest's folder)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read files outside the data root (symlinks or manifest rows leading out)")
     p.set_defaults(func=_check_command)
