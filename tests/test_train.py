@@ -3,6 +3,13 @@
 import csv
 import json
 import logging
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import keras
@@ -10,14 +17,16 @@ import numpy as np
 import pytest
 from conftest import write_tile
 
-from lungtf.config import ModelConfig, resolve_run_config
+from lungtf.config import ModelConfig, dump_yaml, resolve_run_config
 from lungtf.constants import CLASS_NAMES
 from lungtf.models import build_model
 from lungtf.train import main
 from lungtf.train.callbacks import read_history
+from lungtf.train.cli import _run_dir, build_parser
 from lungtf.train.compare import pick_best, uncertainty_threshold
 from lungtf.train.fit import train_backbone
 from lungtf.train.prepare import prepare_splits
+from lungtf.train.rundir import RunLock, claim_new
 from lungtf.train.runtime import choose_preset, runtime
 
 SIZE = 32
@@ -50,6 +59,7 @@ def test_cli_two_backbones_compare_and_package_best(tiny_data, tmp_path):
         "resnet34", "regnet-200mf", "train.log",
     }  # fmt: skip
     assert "broken.jpeg" in (run / "bad_files.csv").read_text()
+    assert not list(run.rglob(".tmp-*"))  # every atomic write was renamed into place
     with open(run / "splits.csv", newline="") as fh:
         split_rows = list(csv.DictReader(fh))
     assert len(split_rows) == 60 and {r["protocol"] for r in split_rows} == {"grouped"}
@@ -145,3 +155,111 @@ def test_best_rule_and_uncertainty_threshold():
     labels = np.array([0, 0, 0, 2])  # the two least confident predictions are wrong
     assert uncertainty_threshold(probs, labels) == pytest.approx(0.9)
     assert uncertainty_threshold(probs, np.array([1, 1, 0, 2])) == 1.0  # never 99% accurate
+
+
+def _resolved_cfg(tiny_data, tmp_path):
+    run = resolve_run_config("cpu", None, {
+        "data": {"data": str(tiny_data), "image_size": SIZE, "crop_size": 0},
+        "backbones": ["resnet34"],
+        "output": str(tmp_path / "runs"), "name": "locked",
+    })  # fmt: skip
+    run.validate()
+    return run
+
+
+def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path):
+    now = datetime(2026, 12, 3, 10, 0, 0, tzinfo=timezone.utc)
+    first, lock1 = claim_new(tmp_path, "tiny", now)
+    second, lock2 = claim_new(tmp_path, "tiny", now)
+    assert first != second and {first.name, second.name} == {
+        "20261203T100000Z-tiny", "20261203T100000Z-2-tiny"}
+    assert RunLock.try_acquire(first) is None  # held by this run until released
+    lock1.release()
+    RunLock.acquire(first).release()
+    lock2.release()
+
+
+HOLD = """import sys, time
+from lungtf.train.rundir import RunLock
+lock = RunLock.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_held_by_a_live_process_is_not_resumed(tiny_data, tmp_path):
+    """A second identical command skips the unfinished directory another process trains into;
+    once that process is gone (killed), the directory is resumed as before."""
+    cfg = _resolved_cfg(tiny_data, tmp_path)
+    held, lock = claim_new(Path(cfg.output), cfg.name)
+    dump_yaml(cfg, held / "config.yaml")  # an unfinished run of the same configuration
+    lock.release()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().decode().strip() == "held"
+        args = build_parser().parse_args([])
+        other, other_lock = _run_dir(cfg, args)
+        assert other != held
+        other_lock.release()
+        assert main(["--resume", str(held)]) == 3  # refused, nothing trained into it
+        assert not (held / "splits.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    again, lock = _run_dir(cfg, args)
+    assert again == held  # the holder died (as under SIGKILL): its directory resumes
+    lock.release()
+
+
+SAVER = """import sys
+import keras
+import numpy as np
+from pathlib import Path
+from lungtf.train.callbacks import make_callbacks
+
+out, epochs = Path(sys.argv[1]), int(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((512,)), keras.layers.Dense(2048, activation="relu"),
+                          keras.layers.Dense(3, activation="softmax")])  # 1 M weights: 12 MB saves
+model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+class EveryEpochIsBest(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"] = float(epoch)  # so best.keras is rewritten at every epoch end
+        print("epoch", epoch, flush=True)
+
+
+x, y = np.random.default_rng(0).random((16, 512), np.float32), np.arange(16) % 3
+model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=16, verbose=0,
+          callbacks=[EveryEpochIsBest(), *make_callbacks(out, "scratch", model, 16, 0)])
+"""
+
+
+def test_sigkill_during_saves_never_breaks_resume(tmp_path, monkeypatch):
+    """Kill a process that saves best.keras, the backup and the history every few tenths of a
+    second at random moments; each restart resumes from what the kill left (a truncated
+    best.keras or backup would make it fail), and a last run finishes with every epoch once."""
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    out = tmp_path / "run" / "tiny"
+    rng = np.random.default_rng(19)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}  # this checkout's lungtf, not an installed one
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, str(script), str(out), "100000"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        lines = [proc.stdout.readline() for _ in range(2)]  # two epochs saved in this run
+        assert all(lines), "the saver died before saving: it could not resume"
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        keras.models.load_model(out / "best.keras")  # whatever the moment, the file is whole
+        epochs = [int(r["epoch"]) for r in read_history(out / "history.csv")]
+        assert epochs == list(range(len(epochs)))
+    last = epochs[-1] + 3
+    monkeypatch.setattr(sys, "argv", [str(script), str(out), str(last)])
+    runpy.run_path(str(script), run_name="__main__")  # the last run, in this process: finishes
+    assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == list(range(last))

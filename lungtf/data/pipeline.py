@@ -32,7 +32,6 @@ from lungtf.constants import CLASS_NAMES, MAX_IMAGE_PIXELS, class_index
 from lungtf.data.augment import RandomFlipRotate, warp_host
 from lungtf.data.ingest import Record
 
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 _HEADER_BYTES = 24  # PNG: 8-byte signature, IHDR length and type, then width and height

@@ -147,5 +147,7 @@ def save_temperature(model: LoadedModel, temperature: float) -> Path:
             "directory or .keras file it was exported from, then export again"
         )
     model.metadata["temperature"] = float(temperature)
-    model.metadata_path.write_text(json.dumps(model.metadata, indent=2) + "\n", encoding="utf-8")
+    from lungtf.train.rundir import write_text  # atomic: lungtf.json is never half written
+
+    write_text(model.metadata_path, json.dumps(model.metadata, indent=2) + "\n")
     return model.metadata_path

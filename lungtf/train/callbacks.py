@@ -3,53 +3,68 @@
 A run killed at any moment (SIGKILL included) and started again continues where it stopped:
 ``BackupAndRestore`` keeps one backup per phase, the CSV history drops the rows of epochs that
 will be trained again, and the best checkpoint remembers the best value reached before the kill.
+Every file is written to a temporary file and renamed over the old one
+(``lungtf.train.rundir.atomic_path``): a kill in the middle of a write leaves the previous
+``best.keras``, backup or history, never a truncated one.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
 import keras
 
+from lungtf.train.rundir import atomic_path, write_csv, write_text
+
 MONITOR = "val_accuracy"
 """The validation metric that picks the best checkpoint and drives early stopping."""
 
 
-class ResumableCSVLogger(keras.callbacks.CSVLogger):
-    """``CSVLogger`` (append mode) whose file holds each epoch once, even across restarts.
+class ResumableCSVLogger(keras.callbacks.Callback):
+    """One history row per epoch (``epoch`` then the sorted log keys, as Keras's ``CSVLogger``)
+    in a CSV that holds each epoch once, even across restarts, and is rewritten atomically.
 
     An epoch finished but not yet backed up when the process died is trained again after the
     restart; its old row is dropped when the first epoch of the new ``fit`` begins.
     """
 
     def __init__(self, filename: str | Path):
-        super().__init__(str(filename), append=True)
-        self._truncated = False
+        super().__init__()
+        self.filename = Path(filename)
+        self._rows: list[dict[str, str]] | None = None
 
     def on_train_begin(self, logs=None):
-        self._truncated = False
-        super().on_train_begin(logs)
+        self._rows = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        if not self._truncated:
-            self._truncated = True
+        if self._rows is None:
             rows = read_history(self.filename)
-            kept = [r for r in rows if int(r["epoch"]) < epoch]
-            if len(kept) != len(rows):
-                self.csv_file.close()
-                write_rows(self.filename, kept, list(rows[0]))
-                self.csv_file = open(self.filename, "a", newline="")  # noqa: SIM115
+            self._rows = [r for r in rows if int(r["epoch"]) < epoch]
+            if len(self._rows) != len(rows):
+                write_rows(self.filename, self._rows, list(rows[0]))
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": str(epoch), **{k: str(v) for k, v in sorted((logs or {}).items())}}
+        rows = [*(self._rows or []), row]
+        fields = list(rows[0]) + [k for k in row if k not in rows[0]]
+        write_rows(self.filename, rows, fields)
+        self._rows = rows
 
 
 class PhaseBackup(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` for one phase of a multi-phase run.
+    """``BackupAndRestore`` for one phase of a multi-phase run, written atomically.
 
     The backup is kept after the phase ends (``delete_checkpoint=False``), so a restarted run can
     restore the weights a finished phase ended with by replaying a zero-epoch ``fit``. Keras keeps
     the restored epoch on the model (``_initial_epoch``) for every later ``fit``; it is cleared at
     the end of this phase so the next phase starts at its own first epoch.
+
+    Each backup writes the weights to a new file named after its epoch, then replaces
+    ``training_metadata.json`` (which names that file), then deletes older weights: whenever
+    the process dies, the metadata names a complete weights file of the same epoch.
     """
 
     def __init__(self, backup_dir: str | Path):
@@ -59,14 +74,37 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
         super().on_train_end(logs)
         self.model._initial_epoch = None
 
+    def _save_model(self):
+        folder = Path(self.backup_dir)
+        name = f"epoch-{self._current_epoch}-{self._last_batch_seen}.weights.h5"
+        with atomic_path(folder / name) as tmp:
+            self.model.save_weights(tmp, overwrite=True)
+        state = {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name}
+        write_text(self._training_metadata_path, json.dumps(state))
+        for old in folder.glob("*.weights.h5"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def _load_model(self):
+        metadata = Path(self._training_metadata_path)
+        state = json.loads(metadata.read_text()) if metadata.is_file() else {}
+        weights = Path(self.backup_dir) / state.get("weights", "latest.weights.h5")  # or Keras's
+        if weights.is_file():
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(weights)
+        if "epoch" in state:
+            self.model._initial_epoch = state["epoch"]
+
 
 class InnerCheckpoint(keras.callbacks.ModelCheckpoint):
-    """Best ``val_accuracy`` checkpoint of ``inner`` (the deployable model), resumable.
+    """Best ``val_accuracy`` checkpoint of ``inner`` (the deployable model), resumable, atomic.
 
     ``inner`` differs from the model being fitted when augmentation runs inside the training
     step. The bar to beat starts at the best value already in the history (read when the first
     epoch begins, after the history dropped the epochs about to be trained again), so a restart
-    never overwrites a better checkpoint.
+    never overwrites a better checkpoint. The file is saved beside the old one and renamed over
+    it, so a kill during the save leaves the previous best.
     """
 
     def __init__(self, inner: keras.Model, filepath: str | Path, history_csv: str | Path):
@@ -81,6 +119,11 @@ class InnerCheckpoint(keras.callbacks.ModelCheckpoint):
             self._primed = True
             self.best = best_so_far(self._history_csv)
         super().on_epoch_begin(epoch, logs)
+
+    def _save_model(self, epoch, batch, logs):
+        if self._should_save_model(epoch, batch, logs, self.filepath):  # also updates self.best
+            with atomic_path(self.filepath) as tmp:
+                self.model.save(tmp, overwrite=True)
 
 
 class Throughput(keras.callbacks.Callback):
@@ -107,19 +150,17 @@ class Throughput(keras.callbacks.Callback):
 
 
 def read_history(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a history CSV (empty when the file does not exist yet)."""
+    """Rows of a history CSV (empty when the file does not exist yet); a row cut short (a
+    history written before writes were atomic and killed mid-row) is left out."""
     if not Path(path).is_file():
         return []
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        return [r for r in csv.DictReader(fh) if None not in r.values() and None not in r]
 
 
 def write_rows(path: str | Path, rows: list[dict[str, str]], fieldnames: list[str]) -> None:
-    """Write ``rows`` as a CSV with a header."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
+    """Write ``rows`` as a CSV with a header, atomically."""
+    write_csv(path, fieldnames, rows)
 
 
 def best_so_far(history_csv: str | Path) -> float | None:
@@ -177,5 +218,6 @@ def plot_curves(history_csv: str | Path, png: str | Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

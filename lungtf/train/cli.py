@@ -9,6 +9,12 @@ command (same resolved configuration and ``--name``), the newest unfinished run 
 name is re-used and training continues where it stopped (finished backbones and phases are
 skipped, the current phase resumes at its last finished epoch). ``--resume RUN_DIR`` continues a
 given run directory with the configuration stored in it; ``--new`` always starts a fresh one.
+
+Locking: the run directory is locked for as long as training runs (``lungtf.train.rundir``). A
+second identical command never trains into a directory a live process holds: it skips it (and
+resumes an older unfinished one, or starts fresh); ``--resume`` of a held directory exits with
+code 3. Every file of the run directory is written atomically, so a SIGKILL at any moment leaves
+a run that resumes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from lungtf.config import (
@@ -31,6 +36,7 @@ from lungtf.config import (
     resolve_run_config,
     to_dict,
 )
+from lungtf.train.rundir import RunDirBusy, RunLock, atomic_path, claim_new, remove_temporaries
 
 log = logging.getLogger("lungtf.train")
 
@@ -131,21 +137,29 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> Path:
-    """Re-use the newest unfinished run directory of this name and configuration, or make one."""
+def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, RunLock]:
+    """Lock the newest unfinished run directory of this name and configuration that no other
+    live process holds, or make and lock a new one (``lungtf.train.rundir``)."""
     root = Path(cfg.output)
     if not args.new and root.is_dir():
         for candidate in sorted(root.glob(f"*-{cfg.name}"), reverse=True):
             config = candidate / "config.yaml"
             if (
-                not (candidate / "comparison.md").is_file()
-                and config.is_file()
-                and load_yaml(config) == to_dict(cfg)
+                (candidate / "comparison.md").is_file()
+                or not config.is_file()
+                or load_yaml(config) != to_dict(cfg)
             ):
-                log.info("resuming unfinished run %s (same name and configuration)", candidate)
-                return candidate
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return root / f"{stamp}-{cfg.name}"
+                continue
+            lock = RunLock.try_acquire(candidate)
+            if lock is None:
+                log.info("unfinished run %s is in use by another process; not resumed", candidate)
+                continue
+            if (candidate / "comparison.md").is_file():  # finished while we looked
+                lock.release()
+                continue
+            log.info("resuming unfinished run %s (same name and configuration)", candidate)
+            return candidate, lock
+    return claim_new(root, cfg.name)
 
 
 def _setup_logging() -> None:
@@ -170,20 +184,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = resolve_run_config(choose_preset(args.preset), args.config, _overrides(args))
     cfg.validate()
-    if not args.resume:
-        run_dir = _run_dir(cfg, args)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
-    file_log = logging.FileHandler(run_dir / "train.log")
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(file_log)
     try:
-        if args.preset is None and not args.resume:
-            log.info("preset %s chosen from the hardware (no --preset given)", cfg.preset)
-        return _train_all(cfg, run_dir, args.verbose)
+        run_dir, lock = (run_dir, RunLock.acquire(run_dir)) if args.resume else _run_dir(cfg, args)
+    except RunDirBusy as err:
+        log.error("%s", err)
+        return 3
+    try:
+        if remove_temporaries(run_dir):
+            log.info("removed the temporary files of an interrupted write in %s", run_dir)
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            dump_yaml(cfg, tmp)
+        file_log = logging.FileHandler(run_dir / "train.log")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(file_log)
+        try:
+            if args.preset is None and not args.resume:
+                log.info("preset %s chosen from the hardware (no --preset given)", cfg.preset)
+            return _train_all(cfg, run_dir, args.verbose)
+        finally:
+            log.removeHandler(file_log)
+            file_log.close()
     finally:
-        log.removeHandler(file_log)
-        file_log.close()
+        lock.release()
 
 
 def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:

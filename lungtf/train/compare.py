@@ -11,7 +11,6 @@ predictions below ``t`` are meant to be flagged "uncertain, refer to a pathologi
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -25,6 +24,7 @@ from lungtf.constants import CLASS_NAMES
 from lungtf.data.pipeline import make_dataset
 from lungtf.evaluate.metrics import cancer_view
 from lungtf.export import export_model
+from lungtf.train.rundir import atomic_path, write_csv, write_text
 
 log = logging.getLogger("lungtf.train")
 
@@ -102,10 +102,7 @@ def pick_best(results: list[dict]) -> dict:
 
 def write_comparison(results: list[dict], run_dir: Path, protocol: str, best: dict) -> None:
     """``comparison.csv`` (a row a backbone) and ``comparison.md`` (table, split protocol, rule)."""
-    with open(run_dir / "comparison.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(run_dir / "comparison.csv", list(COLUMNS), results)
     lines = [
         "# Backbone comparison",
         "",
@@ -132,7 +129,7 @@ def write_comparison(results: list[dict], run_dir: Path, protocol: str, best: di
         "cancers, then the fewest parameters.".format(best["backbone"], best["variant"]),
         "",
     ]
-    (run_dir / "comparison.md").write_text("\n".join(lines), encoding="utf-8")
+    write_text(run_dir / "comparison.md", "\n".join(lines))  # last: it marks the run finished
 
 
 def _fmt(value) -> str:
@@ -171,7 +168,8 @@ def finalize_best(
     best_dir = run_dir / "best"
     best_dir.mkdir(exist_ok=True)
     model = keras.models.load_model(best_checkpoint_dir / "best.keras", compile=False)
-    model.save(best_dir / "model.keras")  # uncompiled: loads without training-only objects
+    with atomic_path(best_dir / "model.keras") as tmp:
+        model.save(tmp)  # uncompiled: loads without training-only objects
     val_probs, val_labels = predict_records(model, splits["val"], image_size, batch_size)
     test = (
         evaluate_records(model, splits["test"], image_size, batch_size) if splits["test"] else None
@@ -194,7 +192,7 @@ def finalize_best(
             "keras": keras.__version__,
         },
     }
-    (best_dir / "lungtf.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_text(best_dir / "lungtf.json", json.dumps(meta, indent=2))
     if test is not None:
         log.info(
             "best %s: test accuracy %.4f, missed cancers %d of n=%d (%s split)",

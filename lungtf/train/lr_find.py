@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from lungtf.train.rundir import atomic_path
+
 
 @dataclass(frozen=True)
 class LRFindResult:
@@ -149,5 +151,6 @@ def plot(result: LRFindResult, png: str | Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

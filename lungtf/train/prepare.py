@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lungtf.constants import PROTOCOL_GROUPED, SPLIT_NAMES
 from lungtf.data.ingest import check_images, load_records, write_bad_report
+from lungtf.train.rundir import atomic_path
 
 log = logging.getLogger("lungtf.train")
 
@@ -107,13 +108,15 @@ def prepare_splits(data, run_dir: Path) -> tuple[dict[str, list], str]:
         source = find_data(data.data)
         records, protocol = load_records(source), PROTOCOL_GROUPED
     good, bad = check_images(records)
-    write_bad_report(bad, run_dir / "bad_files.csv")
+    with atomic_path(run_dir / "bad_files.csv") as tmp:
+        write_bad_report(bad, tmp)
     if bad:
         log.info("%d unreadable files skipped (see %s)", len(bad), run_dir / "bad_files.csv")
     if not (manifest.is_file() or data.splits):
         good = make_split(assign_groups(good, source, data.groups), data.ratios, seed=data.seed)
-    if not manifest.is_file():
-        write_manifest(good, manifest, protocol)
+    if not manifest.is_file():  # atomic: a resume never reads half a split
+        with atomic_path(manifest) as tmp:
+            write_manifest(good, tmp, protocol)
     splits = {name: [r for r in good if r.split == name] for name in SPLIT_NAMES}
     counts = {name: dict(Counter(r.label for r in rs)) for name, rs in splits.items()}
     log.info("split (%s): %s", protocol, counts)
