@@ -8,6 +8,8 @@ Modules:
     config: read and check a ``ModelServerConfig`` text file (``serving/models.config``).
     models: load SavedModel versions and keep them in step with the base paths (polling).
     handlers: Predict / GetModelMetadata / GetModelStatus logic and TF Serving's error codes.
+    limits: request size limits, checked before any request tensor is allocated.
+    calls: stop the work of a call whose client has gone (deadline, cancellation).
     server: the gRPC server (``serve``) and warmup replay.
 
 Command line: ``python -m lungtf.serving validate CONFIG`` and ``python -m lungtf.serving serve``.
