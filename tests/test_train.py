@@ -167,16 +167,18 @@ def _resolved_cfg(tiny_data, tmp_path):
     return run
 
 
-def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path):
-    now = datetime(2026, 12, 3, 10, 0, 0, tzinfo=timezone.utc)
-    first, lock1 = claim_new(tmp_path, "tiny", now)
-    second, lock2 = claim_new(tmp_path, "tiny", now)
-    assert first != second and {first.name, second.name} == {
-        "20261203T100000Z-tiny", "20261203T100000Z-2-tiny"}
-    assert RunLock.try_acquire(first) is None  # held by this run until released
+def test_two_runs_in_the_same_second_get_their_own_directories(tiny_data, tmp_path):
+    cfg = _resolved_cfg(tiny_data, tmp_path)
+    args = build_parser().parse_args(["--new"])
+    (first, lock1), (second, lock2) = _run_dir(cfg, args), _run_dir(cfg, args)  # within a second
+    assert first != second and first.is_dir() and second.is_dir()
+    assert RunLock.try_acquire(first) is None  # each held by its run until released
     lock1.release()
     RunLock.acquire(first).release()
     lock2.release()
+    now = datetime(2026, 12, 3, 10, 0, 0, tzinfo=timezone.utc)  # the same second, for certain
+    names = [claim_new(tmp_path, "tiny", now) for _ in range(2)]
+    assert [path.name for path, _ in names] == ["20261203T100000Z-tiny", "20261203T100000Z-2-tiny"]
 
 
 HOLD = """import sys, time
