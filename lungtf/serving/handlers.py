@@ -13,7 +13,7 @@ raises ``ServingError`` with the status code TF Serving gives in the same case:
   (``lungtf.serving.limits``); an image the exported signature refuses (not JPEG/PNG, above
   ``MAX_IMAGE_PIXELS``, a batch above ``MAX_BATCH_PIXELS``) -> INVALID_ARGUMENT;
 - a client that has gone (deadline passed, call cancelled) -> DEADLINE_EXCEEDED / CANCELLED, and
-  the work stops (``limits.Call``);
+  the work stops (``calls.Call``);
 - any other failure inside the model (TF's UNKNOWN, INTERNAL, NOT_FOUND...) -> INTERNAL, and
   RESOURCE_EXHAUSTED, with a generic message; the details go to the server log only;
 - Classify / Regress / MultiInference on the predict-only lungtf signatures -> INVALID_ARGUMENT.
