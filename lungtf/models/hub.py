@@ -126,7 +126,7 @@ def preset_normalisation(preset: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     scale = np.broadcast_to(np.asarray(1.0 if converter.scale is None else converter.scale), 3)
     offset = np.broadcast_to(np.asarray(0.0 if converter.offset is None else converter.offset), 3)
-    return -offset / scale, 1.0 / scale
+    return 0.0 - offset / scale, 1.0 / scale  # 0.0 - x: a zero prints as 0.0, not -0.0
 
 
 def _check_normalisation(name: str, preset: str) -> None:
