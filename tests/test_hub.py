@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import keras
@@ -124,3 +126,23 @@ def test_imagenet_preset_fetch_fails_fast_naming_the_handle(monkeypatch, tmp_pat
     message = str(err.value)
     assert "kaggle://keras/resnet_vd/keras/resnet_vd_50_imagenet" in message
     assert "--weights resnet50d=PATH" in message and "preset directory" in message
+
+
+def test_keras_file_loads_in_a_fresh_process_after_importing_lungtf_models(tmp_path):
+    """``import lungtf.models`` registers KerasHub's blocks, so a saved ``.keras`` file loads."""
+    model = build_model(ModelConfig(backbone="efficientnetv2_rw_t", weights="none", image_size=SIZE))
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(2).uniform(0, 255, (1, SIZE, SIZE, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", keras.ops.convert_to_numpy(model(x, training=False)))
+    script = (
+        "import sys, numpy as np, keras, lungtf.models; d = sys.argv[1]; "
+        "m = keras.models.load_model(d + '/m.keras'); "
+        "np.testing.assert_allclose(m(np.load(d + '/x.npy'), training=False), "
+        "np.load(d + '/y.npy'), atol=1e-6); print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -37,7 +37,9 @@ def pixels(n: int = 2, size: int = SIZE, seed: int = 0) -> np.ndarray:
 
 
 def batchnorms(backbone: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    """Every BatchNorm of the backbone, also those inside custom blocks (KerasHub's MBConv)."""
+    nested = backbone._flatten_layers(include_self=False)
+    return [layer for layer in nested if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 @pytest.fixture(scope="module", params=list_backbones())
@@ -186,7 +188,7 @@ def test_imagenet_fetch_fails_fast_when_unreachable(monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="--weights PATH.*--weights none"):
+    with pytest.raises(RuntimeError, match=r"resnet50.*--weights PATH.*resnet50=PATH.*--weights none"):
         build_model(ModelConfig(backbone="resnet50", weights="imagenet", image_size=32))
     assert time.monotonic() - start < 30
 
