@@ -261,3 +261,11 @@ def test_caffe_preprocess_equals_keras_preprocess_input():
     x = pixels(size=32)
     expected = keras.applications.resnet50.preprocess_input(x.copy())
     np.testing.assert_allclose(model.get_layer("preprocess")(x), expected, atol=1e-4)
+
+
+def test_readme_backbone_table_is_the_registrys():
+    from lungtf.models.__main__ import BEGIN, END, backbone_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert shown == backbone_table().strip(), "run: python -m lungtf.models --update README.md"

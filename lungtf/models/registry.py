@@ -116,7 +116,7 @@ class BackboneSpec:
     finetune_batchnorm: bool
     description: str
     loads_weights: Callable[[str], bool] = lambda source: False
-    weights_source: str = "none (trained from scratch)"
+    weights_source: str = ""
     weights_help: str = "a backbone weights file (model.get_layer('backbone').save_weights(...))"
 
     @property
@@ -157,6 +157,8 @@ def register_backbone(
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
         spec = BackboneSpec(name=name, build=build, **spec_fields)
+        if spec.imagenet and not spec.weights_source:
+            raise ValueError(f"backbone {name!r} has ImageNet weights: say where (weights_source)")
         spec.resolve_variant(spec.default_variant)
         _REGISTRY[name] = spec
         return build
