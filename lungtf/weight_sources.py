@@ -38,7 +38,9 @@ def parse(value: str) -> tuple[str | None, dict[str, str]]:
     default, named = None, {}
     for item in (part.strip() for part in str(value).split(",")):
         if not item:
-            raise ValueError(f"weights has an empty item (two commas, or one at an end); got {value!r}")
+            raise ValueError(
+                f"weights has an empty item (two commas, or one at an end); got {value!r}"
+            )
         key, sep, source = item.partition("=")
         if sep and _KEY.match(key):
             if key in named:

@@ -131,9 +131,10 @@ def preset_normalisation(preset: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _check_normalisation(name: str, preset: str) -> None:
     found = preset_normalisation(preset)
-    if found is not None and not (
-        np.allclose(found[0], IMAGENET_MEAN, rtol=1e-4) and np.allclose(found[1], IMAGENET_STD, rtol=1e-4)
-    ):
+    if found is None:
+        return
+    if not (np.allclose(found[0], IMAGENET_MEAN, rtol=1e-4)
+            and np.allclose(found[1], IMAGENET_STD, rtol=1e-4)):
         raise ValueError(
             f"preset {preset} normalises its input with mean {np.round(found[0], 3).tolist()}, "
             f"std {np.round(found[1], 3).tolist()} (0-255 units); lungtf's {name} model applies "
@@ -211,6 +212,8 @@ def resnet50d(variant: str, input_shape: tuple, weights: str | None = None) -> k
     description="KerasHub EfficientNetV2 rw_t (the study's timm efficientnetv2_rw_t), transfer "
     "learning",
 )
-def efficientnetv2_rw_t(variant: str, input_shape: tuple, weights: str | None = None) -> keras.Model:
+def efficientnetv2_rw_t(
+    variant: str, input_shape: tuple, weights: str | None = None
+) -> keras.Model:
     """Headless EfficientNetV2-rw-t; output ``top_activation`` [B, S/32, S/32, 1024]."""
     return build_hub("efficientnetv2_rw_t", input_shape, weights)

@@ -208,24 +208,25 @@ def _imagenet_fetch(spec: BackboneSpec) -> Iterator[None]:
 
 
 def _build_backbone(spec: BackboneSpec, variant: str, source: str) -> keras.Model:
+    """The headless backbone with weights ``source`` (one source: ``weights_for`` resolved it)."""
     shape = (None, None, 3)  # size-free, so that training_view can train it on crops
     if source == "imagenet" and not spec.imagenet:
         raise ValueError(
             f"{spec.name} has no ImageNet weights (it is {spec.description}); use "
             f"--weights none (train from scratch) or --weights PATH (a backbone weights file)"
         )
-    if source == "imagenet" or (source != "none" and spec.loads_weights(source)):
+    if source == "none":
+        backbone = spec.build(variant, shape)
+    elif source == "imagenet" or spec.loads_weights(source):  # the backbone's own loader
         with _imagenet_fetch(spec):
             backbone = spec.build(variant, shape, weights=source)
-    else:
-        if source != "none" and ("://" in source or Path(source).is_dir()):
-            raise ValueError(
-                f"{spec.name} cannot load weights from {source}; it takes imagenet, none or "
-                f"{spec.weights_help}"
-            )
+    elif "://" in source or Path(source).is_dir():
+        raise ValueError(
+            f"{spec.name} cannot load weights from {source}; it takes imagenet, none or "
+            f"{spec.weights_help}"
+        )
+    else:  # a Keras weights file of this backbone
         backbone = spec.build(variant, shape)
-    backbone.name = BACKBONE_LAYER
-    if source != "none" and source != "imagenet" and not spec.loads_weights(source):
         try:
             backbone.load_weights(source)
         except (ValueError, KeyError) as err:
@@ -234,6 +235,7 @@ def _build_backbone(spec: BackboneSpec, variant: str, source: str) -> keras.Mode
                 f"({err}); it must be {spec.weights_help}, saved from the same backbone and "
                 f"variant"
             ) from err
+    backbone.name = BACKBONE_LAYER
     return backbone
 
 

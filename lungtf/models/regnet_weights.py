@@ -59,7 +59,7 @@ _STEM = re.compile(r"_stem_(conv|bn)$")
 
 
 def file_name(variant: str) -> str:
-    """The keras.applications file name of ``variant``'s headless weights (``regnety016_notop.h5``)."""
+    """keras.applications' file name of ``variant``'s headless weights (``regnety016_notop.h5``)."""
     return f"{REFERENCE[variant][0]}_notop.h5"
 
 
