@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lungtf import weight_sources
 from lungtf.constants import NUM_CLASSES
 
 AUGMENTATIONS: tuple[str, ...] = (
@@ -106,7 +107,8 @@ class ModelConfig:
         backbone: a name from ``lungtf.models.list_backbones()``.
         variant: a backbone-specific size (``b0``/``s`` for efficientnetv2, ``1.6gf`` for regnet);
             ``None`` takes the backbone's default.
-        weights: ``imagenet``, ``none``, or a path to a backbone weights file.
+        weights: ``imagenet``, ``none``, a local file/directory or a KerasHub handle, for every
+            backbone or per backbone (``regnet=FILE,resnet50d=DIR``; ``lungtf.weight_sources``).
         image_size: input side in pixels; the model takes raw 0-255 RGB pixels of this size.
         num_classes: output units (softmax, float32 even under mixed precision).
         dropout: dropout rate before the classification layer.
@@ -127,10 +129,7 @@ class ModelConfig:
             raise ValueError(f"num_classes must be >= 2; got {self.num_classes}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
-        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
-            raise ValueError(
-                f"weights must be 'imagenet', 'none' or an existing weights file; got {self.weights!r}"
-            )
+        weight_sources.parse(self.weights)
 
 
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -251,7 +250,9 @@ class RunConfig:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    backbones: tuple[str, ...] = ("resnet50", "efficientnetv2", "regnet", "resnet34")
+    backbones: tuple[str, ...] = (
+        "resnet50", "resnet50d", "efficientnetv2_rw_t", "regnet", "resnet34",
+    )  # fmt: skip
     name: str = "train"
     output: str = "runs"
     preset: str | None = None
@@ -282,6 +283,7 @@ class RunConfig:
                 raise ValueError(
                     f"unknown backbone {entry!r} in backbones; known: {', '.join(known)}"
                 )
+        weight_sources.check_names(self.model.weights, self.backbones)
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ValueError(
                 f"name must be non-empty without '/', '\\' or spaces; got {self.name!r}"

@@ -2,6 +2,7 @@
 
 import pytest
 
+from lungtf import weight_sources
 from lungtf.config import (
     PRESET_DIR,
     DataConfig,
@@ -97,10 +98,39 @@ def test_resolution_rejects_unknown_preset_and_keys(tmp_path):
 def test_both_presets_load_and_state_their_recipe():
     gpu = resolve_run_config("gpu")
     assert (gpu.data.image_size, gpu.data.batch_size) == (224, 64)
-    assert gpu.backbones == ("resnet50", "efficientnetv2", "regnet", "resnet34")
+    assert gpu.backbones == ("resnet50", "resnet50d", "efficientnetv2_rw_t", "regnet", "resnet34")
+    assert gpu.model.weights == "imagenet"
     cpu = resolve_run_config("cpu")
     assert cpu.model.weights == "none" and cpu.data.image_size < 224
     for cfg in (gpu, cpu):
         cfg.data.validate()
         cfg.model.validate()
         cfg.train.validate()
+
+
+def test_weights_per_backbone_parse_resolve_and_check(tmp_path):
+    preset = tmp_path / "preset"
+    preset.mkdir()
+    h5 = tmp_path / "regnety016_notop.h5"
+    h5.write_bytes(b"")
+    value = f"regnet={h5},resnet50d={preset},efficientnetv2_rw_t=hf://timm/efficientnetv2_rw_t,none"
+    ModelConfig(weights=value).validate()
+    assert weight_sources.weights_for(value, "regnet:400mf") == str(h5)
+    assert weight_sources.weights_for(value, "resnet50d") == str(preset)
+    assert weight_sources.weights_for(value, "efficientnetv2_rw_t").startswith("hf://")
+    assert weight_sources.weights_for(value, "resnet34") == "none"  # the bare item
+    assert weight_sources.weights_for(f"regnet={h5}", "resnet50") == "imagenet"
+    assert weight_sources.weights_for(f"regnet:200mf={h5},regnet=none", "regnet:200mf") == str(h5)
+    run = RunConfig(model=ModelConfig(weights=value),
+                    backbones=("regnet", "resnet50d", "efficientnetv2_rw_t", "resnet34"))
+    run.validate()
+    with pytest.raises(ValueError, match="names resnet50d, which the run does not train"):
+        RunConfig(model=ModelConfig(weights=f"resnet50d={preset}"), backbones=("regnet",)).validate()
+    for bad, message in [
+        ("regnet=/no/such.h5", "got '/no/such.h5'"),
+        ("none,imagenet", "one source without NAME="),
+        (f"regnet={h5},regnet=none", "names 'regnet' twice"),
+        ("imagenet,", "an empty item"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(weights=bad).validate()

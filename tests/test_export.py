@@ -230,3 +230,21 @@ def test_signatures_refuse_hostile_batches_before_decoding(exported: Path) -> No
         pixels(pixels=tf.zeros([MAX_BATCH_IMAGES + 1, SIZE, SIZE, 3]))
     assert serve(image_bytes=tf.constant([tile] * MAX_BATCH_IMAGES))["class_id"].shape == (64,)
     assert serve(image_bytes=tf.constant([png_bomb(4096)]))["class_id"].shape == (1,)  # at the cap
+
+
+@pytest.mark.parametrize("backbone", ["resnet50d", "efficientnetv2_rw_t"])
+def test_kerashub_backbones_export_and_serve_like_keras(backbone: str, tmp_path: Path) -> None:
+    """The KerasHub backbones' layers trace into a SavedModel that serves what Keras computes."""
+    from lungtf.config import ModelConfig
+    from lungtf.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, weights="none", image_size=SIZE))
+    version = export.export_model(model, tmp_path / "lungtf", {"split_protocol": "grouped"})
+    servable = load_servable("lungtf", 1, version)
+    assert set(servable.signature_defs) >= {"serving_default", "predict_pixels", "metadata"}
+    tiles = jpeg_tiles(2)
+    pixels = export.decode_and_resize(tf.constant(tiles), SIZE)
+    expected = model(pixels, training=False).numpy()
+    served = servable.function("serving_default")(image_bytes=tf.constant(tiles))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)

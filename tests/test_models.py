@@ -37,7 +37,9 @@ def pixels(n: int = 2, size: int = SIZE, seed: int = 0) -> np.ndarray:
 
 
 def batchnorms(backbone: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    """Every BatchNorm of the backbone, also those inside custom blocks (KerasHub's MBConv)."""
+    nested = backbone._flatten_layers(include_self=False)
+    return [layer for layer in nested if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 @pytest.fixture(scope="module", params=list_backbones())
@@ -186,7 +188,7 @@ def test_imagenet_fetch_fails_fast_when_unreachable(monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="--weights PATH.*--weights none"):
+    with pytest.raises(RuntimeError, match=r"resnet50.*--weights PATH.*resnet50=PATH.*--weights none"):
         build_model(ModelConfig(backbone="resnet50", weights="imagenet", image_size=32))
     assert time.monotonic() - start < 30
 
@@ -259,3 +261,11 @@ def test_caffe_preprocess_equals_keras_preprocess_input():
     x = pixels(size=32)
     expected = keras.applications.resnet50.preprocess_input(x.copy())
     np.testing.assert_allclose(model.get_layer("preprocess")(x), expected, atol=1e-4)
+
+
+def test_readme_backbone_table_is_the_registrys():
+    from lungtf.models.__main__ import BEGIN, END, backbone_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shown = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert shown == backbone_table().strip(), "run: python -m lungtf.models --update README.md"

@@ -129,6 +129,54 @@ def test_interrupted_run_resumes_across_phases(tiny_data, tmp_path):
     assert json.loads((out / "result.json").read_text()) == result
 
 
+def test_cli_study_backbones_from_local_weights_on_shared_tiles(shared_data, tmp_path):
+    """The acceptance run, offline: resnet50d and efficientnetv2_rw_t from KerasHub preset
+    directories and regnet from a keras.applications RegNetY file, all made here, given per
+    backbone with one --weights flag; trained on 60 real shared tiles (10 source tiles a class)."""
+    tf_keras = pytest.importorskip("tf_keras", reason="tf-keras (dev extra) writes the RegNet file")
+    from test_hub import random_hub_backbone
+
+    with open(shared_data / "groups.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    picked, per_group = [], {}
+    for row in sorted(rows, key=lambda r: (r["label"], r["group"], r["path"])):
+        groups = {g for (label, g) in per_group if label == row["label"]}
+        key = (row["label"], row["group"])
+        if per_group.get(key, 0) < 2 and (key in per_group or len(groups) < 10):
+            per_group[key] = per_group.get(key, 0) + 1
+            picked.append(f"{shared_data / row['path']},{row['label']},{row['group']}")
+    manifest = tmp_path / "tiles.csv"
+    manifest.write_text("path,label,group\n" + "\n".join(picked) + "\n")
+    assert len(picked) == 60
+    sources = {}
+    for name in ("resnet50d", "efficientnetv2_rw_t"):
+        sources[name] = tmp_path / f"{name}_preset"
+        random_hub_backbone(name).save_to_preset(str(sources[name]))
+    sources["regnet"] = tmp_path / "regnety002_notop.h5"
+    tf_keras.applications.RegNetY002(
+        weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
+    ).save_weights(str(sources["regnet"]))
+    weights = ",".join(f"{name}={path}" for name, path in sources.items())
+    argv = [
+        "--preset", "cpu", "--data", str(manifest), "--weights", weights,
+        "--backbones", "resnet50d,efficientnetv2_rw_t,regnet:200mf", "--image-size", str(SIZE),
+        "--crop-size", "0", "--batch-size", "8", "--head-epochs", "1", "--epochs", "0",
+        "--output", str(tmp_path / "runs"), "--name", "study", "--verbose", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = (tmp_path / "runs").glob("*-study")
+    with open(run / "comparison.csv", newline="") as fh:
+        results = {r["backbone"]: r for r in csv.DictReader(fh)}
+    assert set(results) == set(sources)
+    folders = {"resnet50d": "resnet50d", "efficientnetv2_rw_t": "efficientnetv2_rw_t",
+               "regnet": "regnet-200mf"}
+    for name, path in sources.items():
+        assert results[name]["weights"] == str(path)
+        history = read_history(run / folders[name] / "history.csv")
+        assert [r["epoch"] for r in history] == ["0"]  # the head phase: a transfer backbone
+    assert any((run / "best" / "saved_model").glob("*/saved_model.pb"))
+
+
 def test_invalid_config_fails_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="unknown backbone 'vgg16'.*resnet34"):
         main(["--backbones", "resnet34,vgg16", "--output", str(tmp_path / "runs")])

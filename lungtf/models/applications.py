@@ -42,6 +42,7 @@ def caffe_preprocess(variant: str) -> keras.layers.Layer:
     preprocessing="caffe: RGB->BGR, minus ImageNet mean (103.939, 116.779, 123.68), no scaling",
     default_variant="50",
     from_scratch=False,
+    weights_source="keras.applications ImageNet h5 (~/.keras/models)",
     description="keras.applications ResNet50 (v1), transfer learning from ImageNet",
 )
 def resnet50(variant: str, input_shape: tuple[int, int, int], weights: str | None = None):
@@ -56,6 +57,7 @@ def resnet50(variant: str, input_shape: tuple[int, int, int], weights: str | Non
     default_variant="b0",
     variants=tuple(EFFICIENTNETV2),
     from_scratch=False,
+    weights_source="keras.applications ImageNet h5 (~/.keras/models)",
     description="keras.applications EfficientNetV2 (B0 default, S selectable), transfer learning",
 )
 def efficientnetv2(variant: str, input_shape: tuple[int, int, int], weights: str | None = None):

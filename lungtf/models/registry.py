@@ -18,17 +18,19 @@ import contextlib
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 
 from lungtf.config import ModelConfig
+from lungtf.weight_sources import weights_for
 
 BACKBONE_LAYER = "backbone"
 WEIGHT_CHOICES: tuple[str, ...] = ("imagenet", "none", "PATH")
-"""What ``ModelConfig.weights`` may be: ImageNet weights, random init, or a weights file."""
+"""What one backbone's weights may be: ImageNet weights, random init, or a local source."""
 
 IMAGENET_FETCH_TIMEOUT_S = 20.0
-"""Socket timeout while keras.applications fetches ImageNet weights: fail fast when offline."""
+"""Socket timeout while pretrained weights are fetched: fail fast when offline."""
 
 HEAD_LAYERS: tuple[str, ...] = ("pool", "dropout", "logits", "probabilities")
 """The layers after the backbone, in call order (``build_model``'s head)."""
@@ -94,6 +96,12 @@ class BackboneSpec:
             for pretrained backbones: fine-tuning with the ImageNet statistics frozen is the Keras
             recipe, small batches would otherwise overwrite them. True for from-scratch ones.
         description: a short human description.
+        loads_weights: ``loads_weights(source) -> bool``: whether ``build(..., weights=source)``
+            loads this local or remote source itself (a reference checkpoint, a KerasHub
+            preset directory or ``hf://`` handle). Other files go through
+            ``backbone.load_weights`` (a ``.weights.h5`` saved from the same backbone).
+        weights_source: where ``weights="imagenet"`` comes from (README table, error messages).
+        weights_help: what a local source for this backbone looks like (error messages).
     """
 
     name: str
@@ -107,6 +115,9 @@ class BackboneSpec:
     imagenet: bool
     finetune_batchnorm: bool
     description: str
+    loads_weights: Callable[[str], bool] = lambda source: False
+    weights_source: str = ""
+    weights_help: str = "a backbone weights file (model.get_layer('backbone').save_weights(...))"
 
     @property
     def weights_allowed(self) -> tuple[str, ...]:
@@ -146,6 +157,8 @@ def register_backbone(
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is already registered")
         spec = BackboneSpec(name=name, build=build, **spec_fields)
+        if spec.imagenet and not spec.weights_source:
+            raise ValueError(f"backbone {name!r} has ImageNet weights: say where (weights_source)")
         spec.resolve_variant(spec.default_variant)
         _REGISTRY[name] = spec
         return build
@@ -168,47 +181,61 @@ def get_spec(name: str) -> BackboneSpec:
         ) from None
 
 
+def fetch_advice(spec: BackboneSpec) -> str:
+    """How to give ``spec`` its weights without network (the tail of every fetch error)."""
+    return (
+        f"Use --weights PATH (or --weights {spec.name}=PATH for this backbone alone) with PATH = "
+        f"{spec.weights_help}, or --weights none to train from random initialisation."
+    )
+
+
 @contextlib.contextmanager
-def _imagenet_fetch(name: str) -> Iterator[None]:
-    """Bound socket waits while keras.applications downloads weights; turn failures into advice."""
+def _imagenet_fetch(spec: BackboneSpec) -> Iterator[None]:
+    """Bound socket waits while pretrained weights download; turn failures into advice."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(IMAGENET_FETCH_TIMEOUT_S)
     try:
         yield
-    except ValueError:
-        raise
+    except (ValueError, RuntimeError):
+        raise  # a source that does not fit, or a loader that explained its failure already
     except Exception as err:  # keras.utils.get_file raises a bare Exception on fetch failure
         raise RuntimeError(
-            f"could not fetch the ImageNet weights of {name} ({err}). Use --weights PATH with a "
-            f"backbone weights file (saved by model.get_layer('backbone').save_weights(...)), or "
-            f"--weights none to train from random initialisation."
+            f"could not fetch the ImageNet weights of {spec.name} from {spec.weights_source} "
+            f"({err}). {fetch_advice(spec)}"
         ) from err
     finally:
         socket.setdefaulttimeout(previous)
 
 
-def _build_backbone(spec: BackboneSpec, variant: str, cfg: ModelConfig) -> keras.Model:
+def _build_backbone(spec: BackboneSpec, variant: str, source: str) -> keras.Model:
+    """The headless backbone with weights ``source`` (one source: ``weights_for`` resolved it)."""
     shape = (None, None, 3)  # size-free, so that training_view can train it on crops
-    if cfg.weights == "imagenet":
-        if not spec.imagenet:
-            raise ValueError(
-                f"{spec.name} has no ImageNet weights (it is {spec.description}); use "
-                f"--weights none (train from scratch) or --weights PATH (a backbone weights file)"
-            )
-        with _imagenet_fetch(spec.name):
-            backbone = spec.build(variant, shape, weights="imagenet")
-    else:
+    if source == "imagenet" and not spec.imagenet:
+        raise ValueError(
+            f"{spec.name} has no ImageNet weights (it is {spec.description}); use "
+            f"--weights none (train from scratch) or --weights PATH (a backbone weights file)"
+        )
+    if source == "none":
         backbone = spec.build(variant, shape)
-    backbone.name = BACKBONE_LAYER
-    if cfg.weights not in ("imagenet", "none"):
+    elif source == "imagenet" or spec.loads_weights(source):  # the backbone's own loader
+        with _imagenet_fetch(spec):
+            backbone = spec.build(variant, shape, weights=source)
+    elif "://" in source or Path(source).is_dir():
+        raise ValueError(
+            f"{spec.name} cannot load weights from {source}; it takes imagenet, none or "
+            f"{spec.weights_help}"
+        )
+    else:  # a Keras weights file of this backbone
+        backbone = spec.build(variant, shape)
         try:
-            backbone.load_weights(cfg.weights)
+            backbone.load_weights(source)
         except (ValueError, KeyError) as err:
             raise ValueError(
-                f"weights file {cfg.weights} does not fit {spec.name} variant {variant} "
-                f"({err}); it must be saved from the same backbone and variant with "
-                f"model.get_layer('backbone').save_weights(...)"
+                f"weights file {source} does not fit {spec.name} variant {variant} "
+                f"({err}); it must be {spec.weights_help}, saved from the same backbone and "
+                f"variant"
             ) from err
+    backbone.name = BACKBONE_LAYER
     return backbone
 
 
@@ -226,7 +253,8 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     cfg.validate()
     spec = get_spec(cfg.backbone)
     variant = spec.resolve_variant(cfg.variant)
-    backbone = _build_backbone(spec, variant, cfg)
+    entry = cfg.backbone if cfg.variant is None else f"{cfg.backbone}:{cfg.variant}"
+    backbone = _build_backbone(spec, variant, weights_for(cfg.weights, entry))
     pixels = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="float32", name="pixels")
     x = spec.preprocess(variant)(pixels)
     x = backbone(x)
@@ -238,10 +266,12 @@ def build_model(cfg: ModelConfig) -> keras.Model:
 
 
 def _sublayers(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
-    """Every layer nested in ``layer``, parents before their children."""
-    for sub in getattr(layer, "layers", ()):
-        yield sub
-        yield from _sublayers(sub)
+    """Every layer nested in ``layer``, parents before their children.
+
+    Also the sublayers of custom layers that hold their own layers as attributes (KerasHub's
+    MBConv blocks own BatchNorm layers and have no ``layers`` list), which Keras tracks.
+    """
+    return iter(layer._flatten_layers(include_self=False, recursive=True))
 
 
 def freeze_backbone(model: keras.Model) -> None:

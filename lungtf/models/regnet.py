@@ -6,13 +6,18 @@ snapped to ``w0 * wm ** round(log(u_j / w0) / log(wm))``, rounded to a multiple 
 consecutive blocks of equal width form one stage. With bottleneck ratio 1 each stage's width is
 then made a multiple of its group width (the group width is capped at the stage width).
 
-The network: a 3x3/2 stem of 32 channels, then the stages of Y blocks -- 1x1 conv, grouped 3x3
-conv (stride 2 in each stage's first block), squeeze-and-excitation with ``round(0.25 * block
-input width)`` channels, 1x1 conv, plus the shortcut (1x1/stride projection when the shape
-changes) -- each conv followed by BatchNorm, ReLU after all but the last. Trained from scratch.
+The network is, layer for layer, keras.applications' (Keras 2) RegNetY, so that its published
+ImageNet weights load onto it (``lungtf.models.regnet_weights``): input scaled by 1/255 (the
+reference's built-in ``Rescaling``; no mean/std), a 3x3/2 stem of 32 channels, then the stages of
+Y blocks -- 1x1 conv, grouped 3x3 conv (stride 2 in each stage's first block), squeeze-and-
+excitation with ``int(0.25 * block input width)`` channels, 1x1 conv, plus the shortcut (1x1/2
+projection in each stage's first block) -- each conv followed by BatchNorm (epsilon 1e-5,
+momentum 0.9), ReLU after all but the last. Only the initialisation for training from scratch
+differs (He fan-out, as pycls; the reference uses ``he_normal``): it is not part of the function.
 
-The published RegNetY settings (pycls model zoo) are the variants below; 200mf-800mf are the ones
-that fit a 2-core CPU budget, 1.6gf (the default, 11.2 M parameters at 1,000 classes) the study's.
+The published RegNetY settings (pycls model zoo) are the variants below; each has ImageNet weights
+(``--weights imagenet``). 200mf-800mf are the ones that fit a 2-core CPU budget, 1.6gf (the
+default, 11.2 M parameters at 1,000 classes) the study's.
 The grouped 3x3 convolution is ``GroupedConv2D``: on a machine without GPU it runs as a depthwise
 convolution plus a per-group sum on TensorFlow's ordinary CPU kernels, instead of Keras's
 XLA-compiled grouped convolution, which is an order of magnitude slower on CPU.
@@ -26,14 +31,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lungtf.models.registry import register_backbone
-from lungtf.models.resnet import (
-    CONV_INIT,
-    IMAGENET_PREPROCESSING,
-    conv_bn,
-    imagenet_preprocess,
-    residual,
-)
+from lungtf.models import regnet_weights
+from lungtf.models.registry import PixelNormalization, register_backbone
+from lungtf.models.resnet import CONV_INIT, conv_bn, residual
 
 STEM_WIDTH = 32
 SE_RATIO = 0.25
@@ -166,7 +166,10 @@ class GroupedConv2D(keras.layers.Layer):
 
 
 def y_block(x, width: int, stride: int, group_width: int, name: str):
-    """One RegNetY residual bottleneck block (bottleneck ratio 1) with squeeze-and-excitation."""
+    """One RegNetY residual bottleneck block (bottleneck ratio 1) with squeeze-and-excitation.
+
+    The squeeze width is ``int(SE_RATIO * block input width)``, rounded down as the reference.
+    """
     width_in = x.shape[-1]
     y = conv_bn(x, width, 1, 1, f"{name}_a")
     y = GroupedConv2D(
@@ -176,7 +179,7 @@ def y_block(x, width: int, stride: int, group_width: int, name: str):
     y = keras.layers.ReLU(name=f"{name}_b_relu")(y)
     se = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool")(y)
     se = keras.layers.Conv2D(
-        max(1, round(SE_RATIO * width_in)), 1, activation="relu", kernel_initializer=CONV_INIT,
+        max(1, int(SE_RATIO * width_in)), 1, activation="relu", kernel_initializer=CONV_INIT,
         name=f"{name}_se_reduce",
     )(se)
     se = keras.layers.Conv2D(
@@ -187,20 +190,45 @@ def y_block(x, width: int, stride: int, group_width: int, name: str):
     return residual(x, y, width, stride, name)
 
 
+REGNET_PREPROCESSING = "x / 255 (keras.applications RegNet's built-in Rescaling; no mean/std)"
+
+
+def regnet_preprocess(variant: str) -> keras.layers.Layer:
+    """The reference RegNetY's input scaling (``Rescaling(1/255)``), named ``preprocess``."""
+    return PixelNormalization(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0), name="preprocess")
+
+
 @register_backbone(
     "regnet",
-    preprocess=imagenet_preprocess,
-    preprocessing=IMAGENET_PREPROCESSING,
+    preprocess=regnet_preprocess,
+    preprocessing=REGNET_PREPROCESSING,
     default_variant="1.6gf",
     variants=tuple(REGNETY),
-    from_scratch=True,
-    description="RegNetY written in this project from the RegNet paper, trained from scratch",
+    from_scratch=False,
+    loads_weights=regnet_weights.is_reference_file,
+    weights_source="keras.applications (Keras 2) RegNetY ImageNet h5, mapped by name",
+    weights_help="the keras.applications file (regnety016_notop.h5 for 1.6gf, regnety002 ... "
+    "regnety320_notop.h5) or a backbone .weights.h5 file",
+    description="RegNetY written in this project, layer for layer keras.applications' RegNetY",
 )
-def regnet(variant: str, input_shape: tuple[int, int, int]) -> keras.Model:
-    """Headless RegNetY ``variant``; output the last stage's feature map [B, S/32, S/32, C]."""
+def regnet(
+    variant: str, input_shape: tuple[int, int, int], weights: str | None = None
+) -> keras.Model:
+    """Headless RegNetY ``variant``; output the last stage's feature map [B, S/32, S/32, C].
+
+    Args:
+        variant: a key of ``REGNETY``.
+        input_shape: the input shape (``(None, None, 3)`` here: built size-free).
+        weights: ``None`` (random initialisation), ``"imagenet"`` (the keras.applications file,
+            fetched into ``~/.keras/models``) or the path of such a file on disk.
+    """
     inputs = keras.Input(input_shape)
     x = conv_bn(inputs, STEM_WIDTH, 3, 2, "stem")
     for stage, (width, depth, group) in enumerate(stage_plan(REGNETY[variant]), start=1):
         for block in range(1, depth + 1):
             x = y_block(x, width, 2 if block == 1 else 1, group, f"s{stage}_b{block}")
-    return keras.Model(inputs, x, name=f"regnety_{variant}")
+    model = keras.Model(inputs, x, name=f"regnety_{variant}")
+    if weights is not None:
+        path = regnet_weights.fetch(variant) if weights == "imagenet" else weights
+        regnet_weights.load_reference(model, path)
+    return model

@@ -1,7 +1,7 @@
 """ResNet34 (basic blocks, He et al. 2016) written out explicitly, trained from scratch.
 
-keras.applications has no ResNet34 and keras-cv's ``ResNet34Backbone()`` alias downloads its
-config (fails offline), so the network is spelled out here: a 7x7/2 stem with 3x3/2 max pooling,
+keras.applications has no ResNet34 (KerasHub's ResNet34 is only reached through presets, which
+download), so the network is spelled out here: a 7x7/2 stem with 3x3/2 max pooling,
 then four stages of [3, 4, 6, 3] basic blocks (two 3x3 convolutions and a residual) at widths
 64, 128, 256, 512, the first block of stages 2-4 striding by 2 with a 1x1 projection shortcut.
 With a 1,000-class head this is the reference 21.8 M parameters (torchvision: 21,797,672).

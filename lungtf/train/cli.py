@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
-    p.add_argument("--weights", help="imagenet, none, or a backbone weights file")
+    p.add_argument(
+        "--weights",
+        help="imagenet, none, a weights file, a KerasHub preset directory or hf:// handle; "
+        "per backbone as a comma list NAME=SOURCE (e.g. regnet=regnety016_notop.h5,"
+        "resnet50d=DIR), a bare item for the others (default imagenet)",
+    )
     p.add_argument("--augment", help="comma list of augmentations ('' for none)")
     p.add_argument("--cache", action="store_true", default=None, help="cache decoded tiles")
     p.add_argument("--seed", type=int)

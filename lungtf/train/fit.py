@@ -38,6 +38,7 @@ from lungtf.train.callbacks import Throughput, make_callbacks, plot_curves, read
 from lungtf.train.compare import evaluate_records
 from lungtf.train.lr_find import lr_find
 from lungtf.train.runtime import Runtime
+from lungtf.weight_sources import weights_for
 
 log = logging.getLogger("lungtf.train")
 
@@ -180,7 +181,7 @@ def train_backbone(
     state = _load_state(state_path)
     name, variant = parse_entry(entry)
     spec = get_spec(name)
-    weights = run.model.weights
+    weights = weights_for(run.model.weights, entry)  # this backbone's own source
     if weights == "imagenet" and not spec.imagenet:
         log.info("%s has no ImageNet weights: trained from scratch (weights none)", name)
         weights = "none"
