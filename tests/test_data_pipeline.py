@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from lungtf.config import DEFAULT_AUGMENT
+from lungtf.config import AUGMENTATIONS, DEFAULT_AUGMENT
 from lungtf.constants import CLASS_NAMES, class_index
 from lungtf.data.augment import build_augmenter, warp_host
 from lungtf.data.ingest import Record, load_records
@@ -166,3 +166,22 @@ def test_reading_an_evaluation_pipeline_to_its_end_is_not_a_warning(tiny_folder:
 
     assert warned(silenced=False)  # Keras's warning for a pipeline of unknown length
     assert not warned(silenced=True)
+
+
+def test_host_augmentation_runs_under_mixed_precision(tiny_folder: Path):
+    """With augmentation in tf.data (``--device-augment false``) the pipeline calls the layers
+    while the run's mixed_float16 policy is in force: same batches as under float32."""
+    records = load_records(tiny_folder)
+
+    def batches(policy: str) -> np.ndarray:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            aug = build_augmenter(AUGMENTATIONS, seed=5, crop_size=24)
+            return _collect(make_dataset(records, 32, 8, training=True, augmenter=aug, seed=5))[0]
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+    mixed, reference = batches("mixed_float16"), batches("float32")
+    assert mixed.dtype == np.uint8 and mixed.shape == (len(records), 24, 24, 3)
+    assert np.abs(mixed.astype(int) - reference).max() <= 1  # XLA may round a level differently
