@@ -136,13 +136,15 @@ def gpu_runs(tmp_path_factory) -> dict[int, Path]:
 
 
 def test_gpu_recipe_trains_on_one_and_on_two_replicas(gpu_runs):
-    single, mirrored = (
-        (run / "train.log").read_text() for run in (gpu_runs[1], gpu_runs[2])
-    )
-    assert "1 replica(s) (_DefaultDistributionStrategy), precision mixed_float16, XLA on, " \
-        "augmentation on device" in single
-    assert "2 replica(s) (MirroredStrategy), precision mixed_float16, XLA off, " \
-        "augmentation on device" in mirrored
+    single, mirrored = ((run / "train.log").read_text() for run in (gpu_runs[1], gpu_runs[2]))
+    assert (
+        "1 replica(s) (_DefaultDistributionStrategy), precision mixed_float16, XLA on, "
+        "augmentation on device"
+    ) in single
+    assert (
+        "2 replica(s) (MirroredStrategy), precision mixed_float16, XLA off, "
+        "augmentation on device"
+    ) in mirrored
     assert "WARNING jit_compile true cannot be honoured with 2 replicas" in mirrored
     for run in gpu_runs.values():
         meta = json.loads((run / "best" / "lungtf.json").read_text())
@@ -160,7 +162,7 @@ def test_gpu_recipe_exports_a_float32_graph_without_xla(gpu_runs):
 
 
 def test_gpu_recipe_export_is_served_and_predicts_a_real_tile(gpu_runs, shared_data, tmp_path):
-    tile = sorted((shared_data / "lung_aca").glob("*.jpeg"))[0].read_bytes()
+    tile = min((shared_data / "lung_aca").glob("*.jpeg")).read_bytes()
     config = tmp_path / "models.config"
     entries = []
     for replicas, name in ((1, "lungtf"), (2, "mirrored")):

@@ -23,6 +23,7 @@ XLA-must-compile functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import keras
 import numpy as np
@@ -116,7 +117,7 @@ class GroupedConv2D(keras.layers.Layer):
     """
 
     IMPLEMENTATIONS = ("auto", "grouped", "depthwise")
-    PORTABLE_CONFIG = {"implementation": "depthwise"}
+    PORTABLE_CONFIG: ClassVar[dict[str, str]] = {"implementation": "depthwise"}
     """What ``lungtf.models.portable.portable_copy`` (export) sets: plain kernels on any device."""
 
     def __init__(self, filters, kernel_size, strides=1, group_width=1, implementation="auto",
