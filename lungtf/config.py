@@ -169,7 +169,8 @@ class TrainConfig:
         early_stopping_patience: epochs without val_accuracy gain before stopping; 0 disables.
         lr_find_steps: steps of the exponential LR sweep of ``lr_find``.
         precision: one of ``PRECISIONS``.
-        jit_compile: ``"auto"`` (XLA when a GPU is visible), ``True`` or ``False``.
+        jit_compile: ``"auto"`` (XLA with a GPU and a single replica), ``True`` or ``False``;
+            with several replicas XLA stays off, with a warning (``runtime.resolve_jit``).
         distribution: one of ``DISTRIBUTIONS``.
         device_augment: ``"auto"`` (augment inside the training step when a GPU is visible),
             ``True`` or ``False`` (augment in the tf.data pipeline).

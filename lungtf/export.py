@@ -18,6 +18,9 @@ so its interface is fixed here and nowhere else:
   [N] (``lungtf.constants.CLASS_NAMES``); when ``lungtf.json`` holds a ``temperature`` other than 1
   the probabilities are temperature-scaled, ``softmax(log p / T)``.
 - ``metadata()`` answers ``json``: the ``lungtf.json`` contents as one string.
+- The graph computes in float32 and holds no XLA-must-compile function whatever dtype policy and
+  device the model was trained under: what is written is ``lungtf.models.portable.portable_copy``
+  of the model (float32 policies, ``GroupedConv2D`` as its depthwise rewrite, the same weights).
 
 A version is written into a hidden temporary folder inside the base path and renamed into place,
 so a server polling the base path never sees a half-written version. ``assets/lungtf.json`` and
@@ -285,6 +288,11 @@ def export_model(
 ) -> Path:
     """Write ``model`` as SavedModel version ``<base_path>/<version>/`` atomically.
 
+    What is written is ``lungtf.models.portable.portable_copy(model)``: the same weights in a
+    float32 graph with device-independent layers (no float16 compute, no XLA-must-compile
+    function), whatever dtype policy and device ``model`` was trained under, so stock TF Serving
+    on a CPU loads it; its probabilities equal a float32 model's.
+
     Args:
         model: a lungtf Keras model (input raw 0-255 pixels ``[None, S, S, 3]``, softmax output).
         base_path: the model's base path, as TF Serving's ``base_path``; created if missing.
@@ -299,6 +307,8 @@ def export_model(
         FileExistsError: when ``version`` already exists (versions are immutable).
         ValueError: on a negative version or metadata that disagrees with the model.
     """
+    from lungtf.models.portable import portable_copy
+
     base = Path(base_path)
     base.mkdir(parents=True, exist_ok=True)
     existing = numeric_versions(base)
@@ -310,6 +320,7 @@ def export_model(
     if target.exists():
         raise FileExistsError(f"version {version} already exists at {target}; versions: {existing}")
     meta = complete_metadata(model, metadata)
+    model = portable_copy(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=base))
     try:
         build_archive(model, meta).write_out(str(tmp), verbose=False)

@@ -3,6 +3,8 @@ keras.ops warp, stain and colour jitter, serialisation, and use inside a model. 
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -38,6 +40,37 @@ def test_every_augmentation_keeps_shape_dtype_and_range(name: str):
     assert out.min() >= 0 and out.max() <= 255
     assert not np.allclose(out, batch)  # it changed something
     assert np.array_equal(keras.ops.convert_to_numpy(augmenter(batch, training=False)), batch)
+
+
+@contextlib.contextmanager
+def _policy(name: str):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("name", [*AUGMENTATIONS, "crop"])
+def test_every_augmentation_computes_in_float32_under_mixed_precision(name: str, policy: str):
+    """The GPU recipe builds the augmenter under mixed_float16 and runs it in the training step:
+    every layer (Keras's brightness and contrast too) computes in float32 and returns what the
+    float32 policy returns, called eagerly and inside a model (the training view)."""
+    names, crop = ([], 24) if name == "crop" else ([name], None)
+    batch = _batch(4)
+    reference = keras.ops.convert_to_numpy(build_augmenter(names, seed=3, crop_size=crop)(batch))
+    with _policy(policy):
+        eager = build_augmenter(names, seed=3, crop_size=crop)
+        pixels = keras.Input((32, 32, 3))
+        model = keras.Model(pixels, build_augmenter(names, seed=3, crop_size=crop)(pixels))
+        assert {layer.compute_dtype for layer in eager.layers} == {"float32"}
+        for augmenter in (eager, model):
+            out = augmenter(batch, training=True)
+            assert out.dtype == "float32"
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(out), reference, atol=1e-3)
+        assert np.array_equal(keras.ops.convert_to_numpy(eager(batch, training=False)), batch)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])

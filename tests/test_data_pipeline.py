@@ -15,7 +15,7 @@ import tensorflow as tf
 from conftest import png_bomb
 from PIL import Image
 
-from lungtf.config import DEFAULT_AUGMENT
+from lungtf.config import AUGMENTATIONS, DEFAULT_AUGMENT
 from lungtf.constants import CLASS_NAMES, class_index
 from lungtf.data.augment import build_augmenter, warp_host
 from lungtf.data.ingest import Record, load_records
@@ -197,3 +197,22 @@ def test_header_size_and_bombs_are_refused_before_decoding(tiny_folder: Path, tm
     start = time.monotonic()
     images, _ = _collect(make_dataset(records, 16, 4, training=False))
     assert len(images) == 3 and time.monotonic() - start < 3  # the bomb skipped, undecoded
+
+
+def test_host_augmentation_runs_under_mixed_precision(tiny_folder: Path):
+    """With augmentation in tf.data (``--device-augment false``) the pipeline calls the layers
+    while the run's mixed_float16 policy is in force: same batches as under float32."""
+    records = load_records(tiny_folder)
+
+    def batches(policy: str) -> np.ndarray:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            aug = build_augmenter(AUGMENTATIONS, seed=5, crop_size=24)
+            return _collect(make_dataset(records, 32, 8, training=True, augmenter=aug, seed=5))[0]
+        finally:
+            keras.config.set_dtype_policy(previous)
+
+    mixed, reference = batches("mixed_float16"), batches("float32")
+    assert mixed.dtype == np.uint8 and mixed.shape == (len(records), 24, 24, 3)
+    assert np.abs(mixed.astype(int) - reference).max() <= 1  # XLA may round a level differently

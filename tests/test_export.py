@@ -1,4 +1,5 @@
-"""lungtf.export: signatures read from saved_model.pb, outputs equal to Keras, warmup, versioning."""
+"""lungtf.export: signatures read from saved_model.pb, outputs equal to Keras, warmup, versioning,
+and a portable graph (float32, no XLA-must-compile function) from mixed-precision/GPU builds."""
 
 from __future__ import annotations
 
@@ -18,13 +19,39 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from lungtf import export
+from lungtf.config import ModelConfig
 from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES
 from lungtf.data.ingest import Record
 from lungtf.data.pipeline import make_dataset
+from lungtf.models import build_model
+from lungtf.models.portable import portable_copy
+from lungtf.models.regnet import GroupedConv2D
 from lungtf.serving.models import load_servable
 from lungtf.serving.server import replay_warmup
 
 SIZE = 32
+HALF_TYPES = {tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum}
+
+
+def graph_problems(version_dir: Path) -> dict[str, list[str]]:
+    """What would stop stock TF Serving on a CPU from running a SavedModel as float32.
+
+    Walks every node of the graph and of every function in its library: ``xla_must_compile``
+    lists the functions and nodes carrying ``_XlaMustCompile``, ``half_ops`` the ops with a
+    float16/bfloat16 type attribute (compute, casts to it, or constants of it).
+    """
+    saved = saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes())
+    xla, half = [], set()
+    for graph in (meta.graph_def for meta in saved.meta_graphs):
+        functions = list(graph.library.function)
+        xla += [f.signature.name for f in functions if "_XlaMustCompile" in f.attr]
+        for node in [*graph.node, *(n for f in functions for n in f.node_def)]:
+            if "_XlaMustCompile" in node.attr:
+                xla.append(node.name)
+            for value in node.attr.values():
+                if value.type in HALF_TYPES or HALF_TYPES & set(value.list.type):
+                    half.add(node.op)
+    return {"xla_must_compile": sorted(set(xla)), "half_ops": sorted(half)}
 
 
 def make_tiny_model(seed: int = 0, size: int = SIZE) -> keras.Model:
@@ -248,3 +275,73 @@ def test_kerashub_backbones_export_and_serve_like_keras(backbone: str, tmp_path:
     expected = model(pixels, training=False).numpy()
     served = servable.function("serving_default")(image_bytes=tf.constant(tiles))
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+
+
+def grouped_regnet(policy: str, size: int = SIZE) -> keras.Model:
+    """A RegNetY-200MF classifier built under ``policy`` as a GPU host builds it: every
+    ``GroupedConv2D`` takes the grouped (XLA-compiled) path."""
+    keras.utils.set_random_seed(3)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = build_model(ModelConfig("regnet", "200mf", weights="none", image_size=size))
+        config = keras.saving.serialize_keras_object(model)
+
+        def as_gpu(c):
+            if isinstance(c, list):
+                return [as_gpu(v) for v in c]
+            if not isinstance(c, dict):
+                return c
+            c = {k: as_gpu(v) for k, v in c.items()}
+            if c.get("class_name") == "GroupedConv2D":
+                c["config"]["implementation"] = "grouped"
+            return c
+
+        gpu_built = keras.saving.deserialize_keras_object(as_gpu(config))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    gpu_built.set_weights(model.get_weights())
+    return gpu_built
+
+
+def test_mixed_precision_gpu_build_exports_a_portable_float32_graph(tmp_path: Path) -> None:
+    model = grouped_regnet("mixed_float16")
+    convs = [la for la in model.get_layer("backbone").layers if isinstance(la, GroupedConv2D)]
+    assert {c.resolved for c in convs} == {"grouped"}
+    assert model.get_layer("logits").compute_dtype == "float16"
+    version = export.export_model(model, tmp_path)
+    assert graph_problems(version) == {"xla_must_compile": [], "half_ops": []}
+    pixels = export.decode_and_resize(tf.constant(jpeg_tiles(3)), SIZE)
+    served = tf.saved_model.load(str(version)).signatures["predict_pixels"](pixels=pixels)
+    copy = portable_copy(model)
+    assert copy.get_layer("logits").compute_dtype == "float32"
+    assert {la.resolved for la in copy.get_layer("backbone").layers
+            if isinstance(la, GroupedConv2D)} == {"depthwise"}  # fmt: skip
+    np.testing.assert_allclose(served["probabilities"], copy(pixels, training=False), atol=1e-5)
+    np.testing.assert_allclose(served["probabilities"], model(pixels, training=False), atol=1e-2)
+    for a, b in zip(model.weights, copy.weights):  # the same weights, float32 either way
+        assert a.dtype == b.dtype == "float32"
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_gpu_reload_before_export_is_portable(tmp_path: Path, monkeypatch) -> None:
+    """``implementation=auto`` takes the grouped path when a GPU is visible at build time, so a
+    checkpoint reloaded on a GPU host for export is a grouped model; the export is portable."""
+    keras.utils.set_random_seed(4)
+    saved = build_model(ModelConfig("regnet", "200mf", weights="none", image_size=SIZE))
+    saved.save(tmp_path / "best.keras")
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(  # a GPU host, as GroupedConv2D.build sees it
+        tf.config, "list_physical_devices",
+        lambda kind=None: [*real(kind), "GPU:0"] if kind == "GPU" else real(kind),
+    )  # fmt: skip
+    reloaded = keras.models.load_model(tmp_path / "best.keras", compile=False)
+    monkeypatch.undo()
+    assert {la.resolved for la in reloaded.get_layer("backbone").layers
+            if isinstance(la, GroupedConv2D)} == {"grouped"}  # fmt: skip
+    version = export.export_model(reloaded, tmp_path / "models")
+    assert graph_problems(version)["xla_must_compile"] == []
+    pixels = export.decode_and_resize(tf.constant(jpeg_tiles(2)), SIZE)
+    served = tf.saved_model.load(str(version)).signatures["predict_pixels"](pixels=pixels)
+    np.testing.assert_allclose(served["probabilities"], saved(pixels, training=False), atol=1e-5)
+

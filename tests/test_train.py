@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,12 +20,12 @@ from conftest import write_tile
 
 from lungtf.config import ModelConfig, dump_yaml, resolve_run_config
 from lungtf.constants import CLASS_NAMES
-from lungtf.models import build_model
+from lungtf.models import build_model, get_spec, list_backbones
 from lungtf.train import main
 from lungtf.train.callbacks import read_history
 from lungtf.train.cli import _run_dir, build_parser
-from lungtf.train.compare import pick_best, uncertainty_threshold
-from lungtf.train.fit import train_backbone
+from lungtf.train.compare import pick_best, uncertainty_threshold, write_comparison
+from lungtf.train.fit import resolve_weights, train_backbone
 from lungtf.train.prepare import prepare_splits
 from lungtf.train.rundir import RunLock, claim_new
 from lungtf.train.runtime import choose_preset, runtime
@@ -313,3 +314,45 @@ def test_sigkill_during_saves_never_breaks_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(script), str(out), str(last)])
     runpy.run_path(str(script), run_name="__main__")  # the last run, in this process: finishes
     assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == list(range(last))
+
+
+def test_auto_bool_flags_take_any_case_and_refuse_cleanly(capsys):
+    parser = build_parser()
+    for given, expected in (("True", True), ("true", True), ("FALSE", False), ("false", False),
+                            ("auto", "auto"), ("Auto", "auto")):
+        args = parser.parse_args(["--jit-compile", given, "--device-augment", given])
+        assert args.jit_compile == args.device_augment == expected
+    assert "{auto,true,false}" in parser.format_help()
+    for flag in ("--jit-compile", "--device-augment"):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args([flag, "yes"])
+        assert stop.value.code == 2  # argparse's usage error, not a KeyError traceback
+        err = capsys.readouterr().err
+        assert f"argument {flag}: invalid value 'yes'; allowed are auto, true, false" in err
+
+
+def test_backbone_without_imagenet_weights_warns_and_comparison_says_so(caplog, tmp_path):
+    specs = [get_spec(name) for name in list_backbones()]
+    specs.append(replace(get_spec("resnet50"), name="unweighted", imagenet=False))
+    rows = []
+    for spec in specs:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lungtf.train"):
+            weights, note = resolve_weights(spec, "imagenet", spec.name)
+        assert resolve_weights(spec, "none", spec.name) == ("none", None)
+        if spec.imagenet:
+            assert (weights, note, caplog.records) == ("imagenet", None, [])
+            continue
+        assert weights == "none" and f"{spec.name} has no ImageNet weights" in note
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        assert note in caplog.records[0].getMessage()
+        rows.append({"entry": spec.name, "backbone": spec.name, "variant": "v", "weights": weights,
+                     "weights_note": note, "val_accuracy": 0.5, "missed_cancers": 0, "params": 1})
+    rows.append({**rows[-1], "entry": "resnet50", "backbone": "resnet50", "weights": "imagenet",
+                 "weights_note": None})
+    write_comparison(rows, tmp_path, "grouped", rows[-1])
+    md = (tmp_path / "comparison.md").read_text()
+    assert "**Weights not as requested:**" in md
+    for row in rows[:-1]:
+        assert f"- {row['entry']}: {row['weights_note']}." in md
+    assert "- resnet50:" not in md

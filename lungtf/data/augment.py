@@ -9,6 +9,13 @@ Geometry (flips, rotation and an optional random crop) is one warp, ``RandomFlip
 random draw and pixel work are separate so that the pipeline can draw in order (reproducible) and
 warp in parallel with OpenCV (``warp_host``). Colour layers (HED stain jitter, HSV jitter,
 brightness, contrast) are plain batch layers.
+
+Every layer computes in float32 whatever the global dtype policy (``AUGMENT_DTYPE``): under
+``mixed_float16`` (the GPU recipe) a float16 pixel has a step of 0.125 grey levels above 128 and
+a float16 sampling position one of 0.03 pixels above 32, so the warp and the colour maths would
+round visibly; and mixing float16 pixels with float32 random draws does not even run. Inputs of
+any float dtype are cast to float32 on the way in; outputs are float32 0-255 pixels, which is what
+the model's float32 ``preprocess`` layer takes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import numpy as np
 from keras import ops
 
 from lungtf.config import AUGMENTATIONS
+
+AUGMENT_DTYPE = "float32"
+"""Dtype policy of every augmentation layer (and of the ``augment`` Sequential around them)."""
 
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
 """Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB) in optical density."""
@@ -79,6 +89,7 @@ class RandomFlipRotate(keras.layers.Layer):
 
     def __init__(self, horizontal=True, vertical=True, max_degrees=10.0, probability=1.0,
                  crop_size=None, seed=None, **kwargs):
+        kwargs.setdefault("dtype", AUGMENT_DTYPE)
         super().__init__(**kwargs)
         if crop_size is not None and crop_size < 1:
             raise ValueError(f"crop_size must be None or >= 1; got {crop_size}")
@@ -129,7 +140,11 @@ class RandomFlipRotate(keras.layers.Layer):
         ], axis=1)
 
     def warp(self, images, maps):
-        """Apply ``maps`` (see ``transforms``) to float ``[B, H, W, C]`` images by bilinear gathers."""
+        """Apply ``maps`` (see ``transforms``) to ``[B, H, W, C]`` images by bilinear gathers.
+
+        Computes in float32 (images of another dtype are cast first) and returns float32.
+        """
+        images, maps = ops.cast(images, "float32"), ops.cast(maps, "float32")
         batch, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
         out_h, out_w = self.output_size(height, width)
         y, x = ops.meshgrid(ops.arange(out_h, dtype="float32"), ops.arange(out_w, dtype="float32"),
@@ -225,6 +240,7 @@ class RandomHEDJitter(keras.layers.Layer):
     """
 
     def __init__(self, alpha=0.05, beta=0.05, seed=None, **kwargs):
+        kwargs.setdefault("dtype", AUGMENT_DTYPE)
         super().__init__(**kwargs)
         self.alpha, self.beta, self.seed = float(alpha), float(beta), seed
         self.generator = keras.random.SeedGenerator(seed)
@@ -255,6 +271,7 @@ class RandomHSVJitter(keras.layers.Layer):
     """
 
     def __init__(self, hue=0.02, saturation=0.1, value=0.1, seed=None, **kwargs):
+        kwargs.setdefault("dtype", AUGMENT_DTYPE)
         super().__init__(**kwargs)
         self.hue, self.saturation, self.value = float(hue), float(saturation), float(value)
         self.seed = seed
@@ -287,7 +304,9 @@ def build_augmenter(
 
     Flips and rotation share one warp (``RandomFlipRotate``); colour layers follow in a fixed
     order (stain, HSV, brightness, contrast) whatever the order of ``names``. All layers take and
-    return float32 0-255 batches ``[B, H, W, 3]``.
+    return float32 0-255 batches ``[B, H, W, 3]`` and compute in float32 whatever the global
+    dtype policy (Keras's own ``RandomBrightness``/``RandomContrast`` would follow the policy and
+    compute in float16 under ``mixed_float16``; they get ``dtype="float32"`` here).
 
     Args:
         names: augmentation names, e.g. ``lungtf.config.DEFAULT_AUGMENT``; empty means none.
@@ -320,7 +339,13 @@ def build_augmenter(
     if "hsv_jitter" in chosen:
         layers.append(RandomHSVJitter(seed=seed + 2, name="hsv_jitter"))
     if "brightness" in chosen:
-        layers.append(keras.layers.RandomBrightness(0.1, (0, 255), seed=seed + 3, name="brightness"))
+        layers.append(keras.layers.RandomBrightness(
+            0.1, (0, 255), seed=seed + 3, name="brightness", dtype=AUGMENT_DTYPE))
     if "contrast" in chosen:
-        layers.append(keras.layers.RandomContrast(0.1, (0, 255), seed=seed + 4, name="contrast"))
-    return keras.Sequential(layers, name="augment") if layers else None
+        layers.append(keras.layers.RandomContrast(
+            0.1, (0, 255), seed=seed + 4, name="contrast", dtype=AUGMENT_DTYPE))
+    if not layers:
+        return None
+    augmenter = keras.Sequential(layers, name="augment")
+    augmenter.dtype_policy = AUGMENT_DTYPE  # else it casts its input to float16 under mixed_float16
+    return augmenter

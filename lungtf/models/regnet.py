@@ -20,12 +20,15 @@ The published RegNetY settings (pycls model zoo) are the variants below; each ha
 default, 11.2 M parameters at 1,000 classes) the study's.
 The grouped 3x3 convolution is ``GroupedConv2D``: on a machine without GPU it runs as a depthwise
 convolution plus a per-group sum on TensorFlow's ordinary CPU kernels, instead of Keras's
-XLA-compiled grouped convolution, which is an order of magnitude slower on CPU.
+XLA-compiled grouped convolution, which is an order of magnitude slower on CPU. Exports always
+take the depthwise form (``lungtf.models.portable``): TF Serving on a CPU does not run
+XLA-must-compile functions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import keras
 import numpy as np
@@ -105,12 +108,17 @@ class GroupedConv2D(keras.layers.Layer):
         kernel_size: square kernel side.
         strides: square stride.
         group_width: input channels per group.
-        implementation: ``grouped`` (``keras.ops.conv``, the cuDNN path), ``depthwise`` (the
-            CPU-friendly rewrite) or ``auto``: ``grouped`` when a GPU is visible at build time.
+        implementation: ``grouped`` (``keras.ops.conv``, the cuDNN path; Keras's TensorFlow
+            backend compiles it with XLA on every device), ``depthwise`` (the CPU-friendly
+            rewrite, no XLA) or ``auto``: ``grouped`` when a GPU is visible at build time. An
+            export always uses ``depthwise`` (``PORTABLE_CONFIG``), so a SavedModel holds no
+            XLA-must-compile function whatever device the model was trained or reloaded on.
         kernel_initializer: initialiser of the grouped kernel.
     """
 
     IMPLEMENTATIONS = ("auto", "grouped", "depthwise")
+    PORTABLE_CONFIG: ClassVar[dict[str, str]] = {"implementation": "depthwise"}
+    """What ``lungtf.models.portable.portable_copy`` (export) sets: plain kernels on any device."""
 
     def __init__(self, filters, kernel_size, strides=1, group_width=1, implementation="auto",
                  kernel_initializer="he_normal", **kwargs):

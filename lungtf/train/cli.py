@@ -41,8 +41,18 @@ from lungtf.train.rundir import RunDirBusy, RunLock, atomic_path, claim_new, rem
 log = logging.getLogger("lungtf.train")
 
 
+AUTO_BOOL = {"auto": "auto", "true": True, "false": False}
+"""Values of ``--jit-compile`` / ``--device-augment``, any case (``True`` as ``--help`` shows it)."""
+
+
 def _flag_bool(value: str) -> bool | str:
-    return {"auto": "auto", "true": True, "false": False}[value]
+    """``auto``/``true``/``false`` in any case; anything else is argparse's clean usage error."""
+    try:
+        return AUTO_BOOL[value.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {value!r}; allowed are auto, true, false (any case, e.g. True)"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", action="store_true", default=None, help="cache decoded tiles")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
-    auto_flag = {"type": _flag_bool, "choices": ("auto", True, False)}
-    p.add_argument("--jit-compile", help="XLA: auto (on with a GPU), true, false", **auto_flag)
+    auto_flag = {"type": _flag_bool, "metavar": "{auto,true,false}"}
+    p.add_argument("--jit-compile", **auto_flag,
+                   help="XLA for the train step: auto (on with a GPU and one replica), true, false "
+                   "(any case); off with several replicas, with a warning")
     p.add_argument("--distribution", choices=DISTRIBUTIONS)
     p.add_argument("--device-augment", **auto_flag,
-                   help="augment inside the training step: auto (with a GPU), true, false")
+                   help="augment inside the training step: auto (with a GPU), true, false "
+                   "(any case)")
     p.add_argument("--output", help="folder of run directories (default runs)")
     p.add_argument("--name", help="run name (default train)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
@@ -167,11 +180,22 @@ def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, RunLock]:
     return claim_new(root, cfg.name)
 
 
+class _LevelFormatter(logging.Formatter):
+    """``time message``, with the level named for warnings and errors (``time WARNING message``)."""
+
+    def __init__(self, datefmt: str | None = None):
+        super().__init__("%(asctime)s %(level_prefix)s%(message)s", datefmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.level_prefix = f"{record.levelname} " if record.levelno >= logging.WARNING else ""
+        return super().format(record)
+
+
 def _setup_logging() -> None:
     log.setLevel(logging.INFO)
     if not any(getattr(h, "_lungtf", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_LevelFormatter("%H:%M:%S"))
         handler._lungtf = True
         log.addHandler(handler)
 
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(run_dir / "config.yaml") as tmp:
             dump_yaml(cfg, tmp)
         file_log = logging.FileHandler(run_dir / "train.log")
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        file_log.setFormatter(_LevelFormatter())
         log.addHandler(file_log)
         try:
             if args.preset is None and not args.resume:

@@ -101,7 +101,11 @@ def pick_best(results: list[dict]) -> dict:
 
 
 def write_comparison(results: list[dict], run_dir: Path, protocol: str, best: dict) -> None:
-    """``comparison.csv`` (a row a backbone) and ``comparison.md`` (table, split protocol, rule)."""
+    """``comparison.csv`` (a row a backbone) and ``comparison.md`` (table, split protocol, rule).
+
+    ``comparison.md`` also lists every backbone that could not start from the requested weights
+    (``weights_note`` of its result, e.g. ``regnet`` asked for ImageNet weights it has not got).
+    """
     write_csv(run_dir / "comparison.csv", list(COLUMNS), results)
     lines = [
         "# Backbone comparison",
@@ -123,6 +127,10 @@ def write_comparison(results: list[dict], run_dir: Path, protocol: str, best: di
     ]
     for r in results:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
+    notes = [r for r in results if r.get("weights_note")]
+    if notes:
+        lines += ["", "**Weights not as requested:**", ""]
+        lines += [f"- {r.get('entry', r['backbone'])}: {r['weights_note']}." for r in notes]
     lines += [
         "",
         "Best: **{}** ({}). Rule: highest validation accuracy; ties go to the fewest missed "

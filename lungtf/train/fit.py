@@ -28,6 +28,7 @@ from lungtf.constants import NUM_CLASSES
 from lungtf.data.augment import build_augmenter
 from lungtf.data.pipeline import length_found_at_end, make_dataset
 from lungtf.models import (
+    BackboneSpec,
     build_model,
     freeze_backbone,
     get_spec,
@@ -62,6 +63,32 @@ def parse_entry(entry: str) -> tuple[str, str | None]:
 def entry_dir(run_dir: Path, entry: str) -> Path:
     """The folder of backbone ``entry`` in a run directory (``regnet:400mf``: ``regnet-400mf``)."""
     return run_dir / entry.replace(":", "-")
+
+
+def resolve_weights(spec: BackboneSpec, requested: str, entry: str) -> tuple[str, str | None]:
+    """The weights backbone ``spec`` can start from, and why it differs from ``requested``.
+
+    A backbone whose registry spec has no ImageNet weights (``spec.imagenet`` false:
+    ``resnet34`` today) trains from scratch when ``imagenet`` is asked for; the run goes on
+    (a study comparison should not stop for one of them) but says so: the note is
+    logged at WARNING level and written into ``comparison.md``.
+
+    Args:
+        spec: the backbone's registry spec.
+        requested: ``ModelConfig.weights`` of the run.
+        entry: the ``backbones`` entry, named in the warning.
+
+    Returns:
+        ``(weights, note)``; ``note`` is ``None`` when the request is honoured.
+    """
+    if requested == "imagenet" and not spec.imagenet:
+        note = (
+            f"weights imagenet requested, but {spec.name} has no ImageNet weights "
+            f"({spec.description}): trained FROM SCRATCH (weights none) instead"
+        )
+        log.warning("%s: %s", entry, note)
+        return "none", note
+    return requested, None
 
 
 def plan_phases(run: RunConfig, transfer: bool, lr: float) -> list[Phase]:
@@ -169,7 +196,8 @@ def train_backbone(
         extra_callbacks: more callbacks for every phase, after the built-in ones.
 
     Returns:
-        ``entry``, ``backbone``, ``variant``, ``weights``, ``lr``, ``epochs``, ``val_accuracy``,
+        ``entry``, ``backbone``, ``variant``, ``weights`` (the ones used), ``weights_requested``,
+        ``weights_note`` (why they differ, else ``None``), ``lr``, ``epochs``, ``val_accuracy``,
         ``val_loss``, ``missed_cancers``, ``benign_called_cancer``, ``val_n``, ``params``,
         ``wall_time_s``, ``train_img_per_s`` (also written to ``out_dir/result.json``, which marks it done).
     """
@@ -181,10 +209,7 @@ def train_backbone(
     state = _load_state(state_path)
     name, variant = parse_entry(entry)
     spec = get_spec(name)
-    weights = weights_for(run.model.weights, entry)  # this backbone's own source
-    if weights == "imagenet" and not spec.imagenet:
-        log.info("%s has no ImageNet weights: trained from scratch (weights none)", name)
-        weights = "none"
+    weights, weights_note = resolve_weights(spec, weights_for(run.model.weights, entry), entry)
     mcfg = replace(run.model, backbone=name, variant=variant, weights=weights)
     d = run.data
     augmenter = build_augmenter(
@@ -292,6 +317,8 @@ def train_backbone(
         "backbone": name,
         "variant": spec.resolve_variant(variant),
         "weights": weights,
+        "weights_requested": run.model.weights,
+        "weights_note": weights_note,
         "lr": lr,
         "epochs": epoch,
         "val_accuracy": val["accuracy"],

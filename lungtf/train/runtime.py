@@ -48,6 +48,38 @@ def resolve_precision(requested: str, gpus: int) -> str:
     return requested
 
 
+XLA_ACROSS_REPLICAS_ISSUES = (
+    "keras-team/keras#21366, keras-team/keras#18145, keras-team/keras#18716"
+)
+"""Reports of Keras XLA-compiled train steps failing under ``tf.distribute`` (see ``resolve_jit``)."""
+
+
+def resolve_jit(requested: bool | str, gpus: int, replicas: int) -> bool:
+    """Whether ``compile`` gets ``jit_compile=True`` (the train step compiled with XLA).
+
+    ``auto`` is on only with a GPU and a single replica, as Keras's own ``auto`` rule (Keras
+    turns XLA off under ``tf.distribute``). An explicit ``True`` is honoured with one replica,
+    CPU included. With several replicas it cannot be: Keras compiles the whole cross-replica step
+    (``strategy.run`` over every device) as one XLA cluster, which fails at the first step --
+    "Trying to access resource ... located in device CPU:1 from device CPU:0" on 2 logical CPUs
+    here, with float32 as with mixed_float16; ``merge_call`` errors of the LossScaleOptimizer on
+    GPUs (``XLA_ACROSS_REPLICAS_ISSUES``). So XLA is then off, with a WARNING that says why.
+    """
+    if requested == AUTO:
+        return bool(gpus) and replicas == 1
+    if requested and replicas > 1:
+        log.warning(
+            "jit_compile true cannot be honoured with %d replicas: Keras compiles the whole "
+            "cross-replica train step as one XLA cluster, which is known to fail at the first "
+            "step under tf.distribute (variables on several devices; LossScaleOptimizer "
+            "merge_call; %s). Training WITHOUT XLA; use one device for an XLA run.",
+            replicas,
+            XLA_ACROSS_REPLICAS_ISSUES,
+        )
+        return False
+    return bool(requested)
+
+
 def make_strategy(kind: str, gpus: int) -> tf.distribute.Strategy:
     """Build the distribution strategy named by ``TrainConfig.distribution``.
 
@@ -75,7 +107,8 @@ class Runtime:
     Attributes:
         strategy: the distribution strategy; models and optimizers are built in its scope.
         precision: the Keras dtype policy in force (softmax stays float32 in the model).
-        jit_compile: compile the train step with XLA.
+        jit_compile: compile the train step with XLA (``resolve_jit``: never with several
+            replicas).
         device_augment: augment inside the training step (on the accelerator) rather than in
             the tf.data pipeline.
         gpus: GPUs visible.
@@ -101,10 +134,11 @@ def runtime(cfg: TrainConfig) -> Iterator[Runtime]:
     (collective ops are configured when the strategy is created).
     """
     gpus = visible_gpus()
+    strategy = make_strategy(cfg.distribution, gpus)
     rt = Runtime(
-        strategy=make_strategy(cfg.distribution, gpus),
+        strategy=strategy,
         precision=resolve_precision(cfg.precision, gpus),
-        jit_compile=bool(gpus) if cfg.jit_compile == AUTO else bool(cfg.jit_compile),
+        jit_compile=resolve_jit(cfg.jit_compile, gpus, strategy.num_replicas_in_sync),
         device_augment=bool(gpus) if cfg.device_augment == AUTO else bool(cfg.device_augment),
         gpus=gpus,
     )
