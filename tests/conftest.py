@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -27,6 +28,19 @@ def shared_data() -> Path:
     if not (root / "groups.csv").is_file():
         pytest.skip(f"real LC25000 tiles not found at {root} (needs ../shared/data/lc25000-lung-224)")
     return root
+
+
+@pytest.fixture
+def offline(monkeypatch) -> None:
+    """Route HTTPS through a loopback port nothing listens on: every fetch is refused at once,
+    as on a machine without network (the fail-fast-offline tests of the weight loaders)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
 
 
 def write_tile(path: Path, seed: int, size: int = 40, cls: int = 0) -> Path:

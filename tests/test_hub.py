@@ -8,7 +8,6 @@ test_export.py) covers them like every other registered backbone.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -110,15 +109,8 @@ def test_parameter_counts_match_timm(name, timm_params):
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == timm_params
 
 
-def test_imagenet_preset_fetch_fails_fast_naming_the_handle(monkeypatch, tmp_path):
+def test_imagenet_preset_fetch_fails_fast_naming_the_handle(offline, monkeypatch, tmp_path):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path))  # an empty cache: a fetch must happen
-    with socket.socket() as probe:  # a loopback port nothing listens on: the proxy refuses at once
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for var in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="resnet_vd_50_imagenet") as err:
         build_model(ModelConfig(backbone="resnet50d", weights="imagenet", image_size=SIZE))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 import warnings
 from dataclasses import replace
@@ -176,17 +175,10 @@ def test_imagenet_refused_for_from_scratch_backbones():
                 build_model(ModelConfig(backbone=name, weights="imagenet", image_size=32))
 
 
-def test_imagenet_fetch_fails_fast_when_unreachable(monkeypatch):
+def test_imagenet_fetch_fails_fast_when_unreachable(offline):
     cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
     if any(cached.glob("resnet50*notop*.h5")):
         pytest.skip(f"ResNet50 ImageNet weights already cached in {cached}: no fetch to fail")
-    with socket.socket() as probe:  # a loopback port nothing listens on: the proxy refuses at once
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for var in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"resnet50.*--weights PATH.*resnet50=PATH.*--weights none"):
         build_model(ModelConfig(backbone="resnet50", weights="imagenet", image_size=32))

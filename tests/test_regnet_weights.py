@@ -8,7 +8,6 @@ files use, loaded through our ``--weights`` path, and compared on random images.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -74,17 +73,10 @@ def test_reference_file_of_another_variant_is_refused(tmp_path):
         build_model(ModelConfig(backbone="regnet", variant="400mf", weights=str(path), image_size=32))
 
 
-def test_regnet_imagenet_fetch_fails_fast_naming_the_file(monkeypatch):
+def test_regnet_imagenet_fetch_fails_fast_naming_the_file(offline):
     cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
     if (cached / file_name("200mf")).is_file():
         pytest.skip(f"RegNetY-200MF ImageNet weights already cached in {cached}: no fetch to fail")
-    with socket.socket() as probe:  # a loopback port nothing listens on: the proxy refuses at once
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for var in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"regnety002_notop\.h5.*--weights regnet=PATH") as err:
         build_model(ModelConfig(backbone="regnet", variant="200mf", weights="imagenet", image_size=32))
