@@ -37,6 +37,7 @@ import keras
 from lungtf.config import DEFAULT_AUGMENT, ModelConfig, resolve_run_config
 from lungtf.data.augment import build_augmenter
 from lungtf.models import build_model, get_spec
+from lungtf.models.portable import dtype_policy
 from lungtf.train.fit import parse_entry
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -71,8 +72,7 @@ def estimate(entry: str, image_size: int, batch: int, precision: str) -> dict:
     name, variant = parse_entry(entry)
     spec = get_spec(name)
     variant = spec.resolve_variant(variant)
-    keras.config.set_dtype_policy(precision)
-    try:
+    with dtype_policy(precision):
         model = build_model(ModelConfig(backbone=name, variant=variant, weights="none",
                                         image_size=image_size))
         # build_model builds the backbone size-free (for crops); rebuild it at the size so that
@@ -81,8 +81,6 @@ def estimate(entry: str, image_size: int, batch: int, precision: str) -> dict:
         augmenter = build_augmenter(DEFAULT_AUGMENT)
         pixels = keras.Input((image_size, image_size, 3))
         augmented = keras.Model(pixels, augmenter(pixels))
-    finally:
-        keras.config.set_dtype_policy("float32")
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
     every = sum(math.prod(w.shape) for w in model.weights)
     head = [model.get_layer(n) for n in ("preprocess", "pool", "dropout", "logits", "probabilities")]

@@ -3,8 +3,6 @@ keras.ops warp, stain and colour jitter, serialisation, and use inside a model. 
 
 from __future__ import annotations
 
-import contextlib
-
 import keras
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from lungtf.data.augment import (
     build_augmenter,
     warp_host,
 )
+from lungtf.models.portable import dtype_policy
 
 
 def _batch(n: int = 8, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -42,16 +41,6 @@ def test_every_augmentation_keeps_shape_dtype_and_range(name: str):
     assert np.array_equal(keras.ops.convert_to_numpy(augmenter(batch, training=False)), batch)
 
 
-@contextlib.contextmanager
-def _policy(name: str):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("name", [*AUGMENTATIONS, "crop"])
 def test_every_augmentation_computes_in_float32_under_mixed_precision(name: str, policy: str):
@@ -61,7 +50,7 @@ def test_every_augmentation_computes_in_float32_under_mixed_precision(name: str,
     names, crop = ([], 24) if name == "crop" else ([name], None)
     batch = _batch(4)
     reference = keras.ops.convert_to_numpy(build_augmenter(names, seed=3, crop_size=crop)(batch))
-    with _policy(policy):
+    with dtype_policy(policy):
         eager = build_augmenter(names, seed=3, crop_size=crop)
         pixels = keras.Input((32, 32, 3))
         model = keras.Model(pixels, build_augmenter(names, seed=3, crop_size=crop)(pixels))

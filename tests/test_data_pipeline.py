@@ -26,6 +26,7 @@ from lungtf.data.pipeline import (
     make_dataset,
     show_batch,
 )
+from lungtf.models.portable import dtype_policy
 
 
 def _collect(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -205,13 +206,9 @@ def test_host_augmentation_runs_under_mixed_precision(tiny_folder: Path):
     records = load_records(tiny_folder)
 
     def batches(policy: str) -> np.ndarray:
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(policy)
-        try:
+        with dtype_policy(policy):
             aug = build_augmenter(AUGMENTATIONS, seed=5, crop_size=24)
             return _collect(make_dataset(records, 32, 8, training=True, augmenter=aug, seed=5))[0]
-        finally:
-            keras.config.set_dtype_policy(previous)
 
     mixed, reference = batches("mixed_float16"), batches("float32")
     assert mixed.dtype == np.uint8 and mixed.shape == (len(records), 24, 24, 3)

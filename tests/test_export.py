@@ -24,7 +24,7 @@ from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES
 from lungtf.data.ingest import Record
 from lungtf.data.pipeline import make_dataset
 from lungtf.models import build_model
-from lungtf.models.portable import portable_copy
+from lungtf.models.portable import dtype_policy, portable_copy
 from lungtf.models.regnet import GroupedConv2D
 from lungtf.serving.models import load_servable
 from lungtf.serving.server import replay_warmup
@@ -281,9 +281,7 @@ def grouped_regnet(policy: str, size: int = SIZE) -> keras.Model:
     """A RegNetY-200MF classifier built under ``policy`` as a GPU host builds it: every
     ``GroupedConv2D`` takes the grouped (XLA-compiled) path."""
     keras.utils.set_random_seed(3)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
+    with dtype_policy(policy):
         model = build_model(ModelConfig("regnet", "200mf", weights="none", image_size=size))
         config = keras.saving.serialize_keras_object(model)
 
@@ -298,8 +296,6 @@ def grouped_regnet(policy: str, size: int = SIZE) -> keras.Model:
             return c
 
         gpu_built = keras.saving.deserialize_keras_object(as_gpu(config))
-    finally:
-        keras.config.set_dtype_policy(previous)
     gpu_built.set_weights(model.get_weights())
     return gpu_built
 

@@ -23,6 +23,7 @@ from lungtf.models import (
     training_view,
     unfreeze_backbone,
 )
+from lungtf.models.portable import dtype_policy
 from lungtf.models.regnet import REGNETY, GroupedConv2D, stage_plan
 
 SIZE = 64
@@ -213,13 +214,10 @@ def test_keras_file_reloads_with_custom_layers(tmp_path):
 
 
 def test_mixed_precision_keeps_probabilities_float32():
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
+    with dtype_policy("mixed_bfloat16"):
         model = build_model(
             ModelConfig(backbone="regnet", variant="200mf", weights="none", image_size=32)
         )
-    finally:
-        keras.config.set_dtype_policy("float32")
     assert model.get_layer("logits").compute_dtype == "bfloat16"
     assert model.get_layer("backbone").layers[1].compute_dtype == "bfloat16"
     assert model.get_layer("preprocess").compute_dtype == "float32"

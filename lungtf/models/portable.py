@@ -53,7 +53,12 @@ def _portable_config(config: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _global_policy(name: str) -> Iterator[None]:
+def dtype_policy(name: str) -> Iterator[None]:
+    """Set Keras's global dtype policy to ``name`` inside the block and restore it after.
+
+    Layers take the global policy when they are built, so building (or rebuilding) a model under
+    a precision is scoped to this block and cannot leak into the next model of the process.
+    """
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:
@@ -70,7 +75,7 @@ def portable_copy(model: keras.Model) -> keras.Model:
     import lungtf.models  # noqa: F401  (registers the custom layers the config names)
 
     config = _portable_config(keras.saving.serialize_keras_object(model))
-    with _global_policy(PORTABLE_DTYPE):
+    with dtype_policy(PORTABLE_DTYPE):
         copy = keras.saving.deserialize_keras_object(config)
     copy.set_weights(model.get_weights())
     return copy

@@ -13,10 +13,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import keras
 import tensorflow as tf
 
 from lungtf.config import AUTO, TrainConfig
+from lungtf.models.portable import dtype_policy
 
 log = logging.getLogger("lungtf.train")
 
@@ -151,9 +151,5 @@ def runtime(cfg: TrainConfig) -> Iterator[Runtime]:
         "on" if rt.jit_compile else "off",
         "device" if rt.device_augment else "tf.data",
     )
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(rt.precision)
-    try:
+    with dtype_policy(rt.precision):
         yield rt
-    finally:
-        keras.config.set_dtype_policy(previous)
