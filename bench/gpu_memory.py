@@ -33,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import tensorflow as tf
 
 from lungtf.config import DEFAULT_AUGMENT, ModelConfig, resolve_run_config
 from lungtf.data.augment import build_augmenter
@@ -44,54 +45,57 @@ BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 GIB = 1024**3
 
 
-def leaf_layers(layer: keras.Layer):
-    """The layers that compute, nested models walked through."""
-    for sub in getattr(layer, "layers", ()):
-        if isinstance(sub, keras.layers.InputLayer):
-            continue
-        if getattr(sub, "layers", None):
-            yield from leaf_layers(sub)
-        else:
-            yield sub
+def leaf_layers(layer: keras.Layer) -> list[keras.Layer]:
+    """The layers that compute: nested models and subclassed blocks (KerasHub's MBConv blocks
+    are single layers with their own convolutions and BatchNorms inside) walked down."""
+    return [
+        sub
+        for sub in layer._flatten_layers(include_self=False, recursive=True)
+        if not isinstance(sub, keras.layers.InputLayer) and not list(sub._flatten_layers(False))
+    ]
 
 
-def activation_bytes(model: keras.Model, batch: int) -> int:
-    """Bytes of every leaf layer's output for ``batch`` images, at the layer's compute dtype."""
-    total = 0
-    for layer in leaf_layers(model):
-        outputs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
-        for out in outputs:
-            if any(d is None for d in out.shape[1:]):
-                raise ValueError(f"layer {layer.name} has an unknown output shape {out.shape}")
-            total += batch * math.prod(out.shape[1:]) * BYTES[layer.compute_dtype]
-    return total
+def activation_bytes(model: keras.Layer, image_size: int, batch: int, **call) -> int:
+    """Bytes of every leaf layer's outputs for ``batch`` images, at the dtype they come out in.
+
+    One eager forward pass of a single image records what each leaf layer returns (its ``call``
+    wrapped for the pass), so layers used inside subclassed blocks count as well; the sizes are
+    then scaled to the batch.
+    """
+    recorded = []
+    leaves = leaf_layers(model)
+    for leaf in leaves:
+        def record(*args, _call=leaf.call, **kwargs):
+            out = _call(*args, **kwargs)
+            recorded.extend(t for t in tf.nest.flatten(out) if hasattr(t, "dtype"))
+            return out
+        leaf.call = record
+    try:
+        model(tf.zeros((1, image_size, image_size, 3)), **call)
+    finally:
+        for leaf in leaves:
+            del leaf.call
+    return sum(batch * math.prod(t.shape[1:]) * BYTES[t.dtype.name] for t in recorded)
 
 
 def estimate(entry: str, image_size: int, batch: int, precision: str) -> dict:
     """The estimate for backbone ``entry`` (``name[:variant]``), in bytes, with its parameters."""
     name, variant = parse_entry(entry)
-    spec = get_spec(name)
-    variant = spec.resolve_variant(variant)
+    variant = get_spec(name).resolve_variant(variant)
     with dtype_policy(precision):
         model = build_model(ModelConfig(backbone=name, variant=variant, weights="none",
                                         image_size=image_size))
-        # build_model builds the backbone size-free (for crops); rebuild it at the size so that
-        # every layer's output shape is known. Same layers and weights count.
-        sized = spec.build(variant, (image_size, image_size, 3))
         augmenter = build_augmenter(DEFAULT_AUGMENT)
-        pixels = keras.Input((image_size, image_size, 3))
-        augmented = keras.Model(pixels, augmenter(pixels))
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
     every = sum(math.prod(w.shape) for w in model.weights)
-    head = [model.get_layer(n) for n in ("preprocess", "pool", "dropout", "logits", "probabilities")]
-    head_bytes = sum(batch * math.prod(la.output.shape[1:]) * BYTES[la.compute_dtype] for la in head)
     return {
         "entry": f"{name}:{variant}",
         "params": every,
         "weights": 4 * every,
         "gradients": 4 * trainable,
         "optimizer": 8 * trainable,
-        "activations": activation_bytes(sized, batch) + head_bytes + activation_bytes(augmented, batch),
+        "activations": activation_bytes(model, image_size, batch, training=True)
+        + activation_bytes(augmenter, image_size, batch, training=True),
     }
 
 
