@@ -77,6 +77,54 @@ def test_manifest_rejects_unknown_protocol(tmp_path):
         split_mod.write_manifest(split_mod.make_split(_records(2)), tmp_path / "s.csv", "mixed")
 
 
+def test_kfold_tests_every_group_once_and_balances_classes():
+    records = _records()
+    folds = split_mod.kfold(records, k=5, seed=3)
+    assert len(folds) == 5
+    tested_in: dict[str, list[int]] = {}
+    for i, fold in enumerate(folds):
+        assert [r.path for r in fold] == [r.path for r in records]
+        for group in {r.group for r in fold if r.split == "test"}:
+            tested_in.setdefault(group, []).append(i)
+    assert tested_in.keys() == {r.group for r in records}
+    assert all(len(f) == 1 for f in tested_in.values())
+    for label in CLASS_NAMES:
+        total = sum(r.label == label for r in records)
+        for fold in folds:
+            n_test = sum(r.label == label and r.split == "test" for r in fold)
+            assert abs(n_test - total / 5) <= 6, (label, n_test, total)
+
+
+def test_kfold_validation_carve_is_whole_training_groups():
+    records = _records()
+    for fold in split_mod.kfold(records, k=5, seed=1, val_fraction=0.2):
+        splits_of_group: dict[str, set[str]] = {}
+        for r in fold:
+            splits_of_group.setdefault(r.group, set()).add(r.split)
+        assert all(len(s) == 1 for s in splits_of_group.values())
+        for label in CLASS_NAMES:
+            val = {g for g, s in splits_of_group.items() if s == {"val"} and g.startswith(label)}
+            train = {g for g, s in splits_of_group.items() if s == {"train"}
+                     and g.startswith(label)}
+            assert len(val) == round(0.2 * (len(val) + len(train))) and train
+    no_carve = split_mod.kfold(records, k=3, seed=1, val_fraction=0)
+    assert all(r.split in ("train", "test") for fold in no_carve for r in fold)
+
+
+def test_kfold_is_deterministic_by_seed_and_checks_its_input():
+    records = _records()
+    assert split_mod.kfold(records, seed=7) == split_mod.kfold(records, seed=7)
+    assert split_mod.kfold(records, seed=7) != split_mod.kfold(records, seed=8)
+    with pytest.raises(ValueError, match="k must be an integer >= 2"):
+        split_mod.kfold(records, k=1)
+    with pytest.raises(ValueError, match="has 2 groups; 5-fold CV with a validation carve"):
+        split_mod.kfold(_records(2), k=5)
+    with pytest.raises(ValueError, match="have no group"):
+        split_mod.kfold([Record("/a.jpeg", "lung_n")] * 6, k=2)
+    with pytest.raises(ValueError, match="a source group has one label"):
+        split_mod.kfold(records + [Record("/x.jpeg", "lung_n", "lung_aca-0")], k=2)
+
+
 @pytest.fixture
 def copies_folder(tmp_path):
     """A class-folder dataset: per class 3 sources x 5 near-duplicate copies, plus one bad file."""

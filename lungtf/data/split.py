@@ -4,8 +4,9 @@ LC25000 holds ~20 rotated/flipped copies of every source tile. A random split pu
 source in train and test, so a model is tested on what it has seen (the study's 0.999 accuracy).
 ``make_split`` keeps every group (source tile) in exactly one split, per class, so test tiles are
 new tissue; ``random=True`` exists only to reproduce the leaky protocol and is labelled so in the
-manifest. ``audit`` measures what a split leaks with the same near-duplicate detector that makes
-the groups.
+manifest. ``kfold`` gives grouped K-fold assignments (each with a source-level validation
+carve) for cross-validation. ``audit`` measures what a split leaks with the same near-duplicate
+detector that makes the groups.
 """
 
 from __future__ import annotations
@@ -83,6 +84,79 @@ def make_split(
             counts[chosen] += len(members[group])
             split_of.update({i: SPLIT_NAMES[chosen] for i in members[group]})
     return [replace(r, split=split_of[i]) for i, r in enumerate(records)]
+
+
+def kfold(
+    records: list[Record], k: int = 5, seed: int = 42, val_fraction: float = 0.15
+) -> list[list[Record]]:
+    """Grouped, stratified K-fold assignments with a source-level validation carve per fold.
+
+    Within each label, groups are visited in a seeded random order and each goes whole to the
+    fold with the fewest images of that label so far (ties: fewest images overall, then the
+    lowest index), so every group is tested in exactly one fold and each fold's test part holds
+    about ``1/k`` of every class. For fold ``i``, the groups of the other folds are the training
+    part; from it, per label, ``round(val_fraction * groups)`` whole source groups (at least one,
+    never all) are held out as ``val`` for choosing the checkpoint. The carve never splits a
+    group, so validation tiles are new source tiles, like the test tiles.
+
+    Args:
+        records: images with ``group`` set.
+        k: number of folds, >= 2; every label needs at least ``k`` groups.
+        seed: the same seed and input give the same folds and carves.
+        val_fraction: share of each label's training groups held out for validation, in [0, 1).
+
+    Returns:
+        ``k`` lists (fold ``i`` at index ``i``), each the records in input order with ``split``
+        set to ``train``, ``val`` or ``test`` (write one with ``write_manifest``).
+
+    Raises:
+        ValueError: ``k`` < 2, ``val_fraction`` outside [0, 1), records without a group, or a
+            label with fewer than ``k`` groups (or, with a carve, fewer than ``k`` + 1).
+    """
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an integer >= 2; got {k!r}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
+    missing = [r.path for r in records if r.group is None]
+    if missing:
+        raise ValueError(f"{len(missing)} records have no group (e.g. {missing[0]}); K-fold "
+                         f"needs source groups (groups.csv or grouping.detect_groups)")
+    rng = np.random.default_rng(seed)
+    members: dict[str, list[int]] = defaultdict(list)
+    label_of: dict[str, str] = {}
+    for i, r in enumerate(records):
+        members[r.group].append(i)
+        if label_of.setdefault(r.group, r.label) != r.label:
+            raise ValueError(f"group {r.group!r} holds labels {label_of[r.group]!r} and "
+                             f"{r.label!r}; a source group has one label")
+    fold_of: dict[str, int] = {}
+    totals = np.zeros(k, dtype=int)
+    by_label: dict[str, list[str]] = {}
+    for label in sorted(set(label_of.values())):
+        groups = sorted(g for g, lab in label_of.items() if lab == label)
+        need = k + (val_fraction > 0)
+        if len(groups) < need:
+            raise ValueError(f"label {label!r} has {len(groups)} groups; {k}-fold CV"
+                             f"{' with a validation carve' if val_fraction > 0 else ''} "
+                             f"needs at least {need}")
+        by_label[label] = groups
+        counts = np.zeros(k, dtype=int)
+        for group in rng.permutation(groups):
+            fold = min(range(k), key=lambda f: (counts[f], totals[f], f))
+            fold_of[group] = fold
+            counts[fold] += len(members[group])
+            totals[fold] += len(members[group])
+    folds = []
+    for fold in range(k):
+        split_of = {}
+        for groups in by_label.values():
+            train = [g for g in groups if fold_of[g] != fold]
+            n_val = min(max(1, round(val_fraction * len(train))), len(train) - 1)
+            val = set(rng.permutation(train)[:n_val]) if val_fraction > 0 else set()
+            for g in groups:
+                split_of[g] = "test" if fold_of[g] == fold else "val" if g in val else "train"
+        folds.append([replace(r, split=split_of[r.group]) for r in records])
+    return folds
 
 
 def _check_ratios(ratios) -> tuple[float, float, float]:
