@@ -261,8 +261,10 @@ class RunConfig:
     def validate(self) -> None:
         """Validate every section, then the run-level fields; ``ValueError`` says what is wrong.
 
-        Backbone names are checked against ``lungtf.models.list_backbones()`` (imported here, so
-        validation happens before any data is read or any model is built).
+        Backbone names are checked against ``lungtf.models.list_backbones()``, and the kind of
+        every backbone's weights source against what that backbone loads
+        (``lungtf.models.check_weights_source``; imported here, so validation happens before any
+        data is read or any model is built).
         """
         self.data.validate()
         self.model.validate()
@@ -276,7 +278,7 @@ class RunConfig:
             raise ValueError("backbones must name at least one backbone; got none")
         if len(set(self.backbones)) != len(self.backbones):
             raise ValueError(f"backbones must not repeat; got {list(self.backbones)}")
-        from lungtf.models import list_backbones
+        from lungtf.models import check_weights_source, list_backbones
 
         known = list_backbones()
         for entry in self.backbones:
@@ -285,6 +287,12 @@ class RunConfig:
                     f"unknown backbone {entry!r} in backbones; known: {', '.join(known)}"
                 )
         weight_sources.check_names(self.model.weights, self.backbones)
+        for entry in self.backbones:  # every source's kind, before the first backbone trains
+            source = weight_sources.weights_for(self.model.weights, entry)
+            try:
+                check_weights_source(entry.split(":")[0], source)
+            except ValueError as err:
+                raise ValueError(f"weights of backbones entry {entry!r}: {err}") from None
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ValueError(
                 f"name must be non-empty without '/', '\\' or spaces; got {self.name!r}"

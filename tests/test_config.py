@@ -1,5 +1,6 @@
 """Config dataclasses: validation messages, YAML round-trip, unknown keys rejected."""
 
+import h5py
 import pytest
 
 from lungtf import weight_sources
@@ -112,7 +113,7 @@ def test_weights_per_backbone_parse_resolve_and_check(tmp_path):
     preset = tmp_path / "preset"
     preset.mkdir()
     h5 = tmp_path / "regnety016_notop.h5"
-    h5.write_bytes(b"")
+    h5py.File(h5, "w").close()  # an HDF5 file: the kind regnet loads (whether it fits: at build)
     value = f"regnet={h5},resnet50d={preset},efficientnetv2_rw_t=hf://timm/efficientnetv2_rw_t,none"
     ModelConfig(weights=value).validate()
     assert weight_sources.weights_for(value, "regnet:400mf") == str(h5)
@@ -134,3 +135,30 @@ def test_weights_per_backbone_parse_resolve_and_check(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             ModelConfig(weights=bad).validate()
+
+
+def test_every_backbones_weights_kind_is_checked_before_anything_trains(tmp_path):
+    """A source a backbone cannot load is refused by validate(), not when its turn comes (the
+    fourth backbone of the gpu preset, after three fine-tunes)."""
+    preset, torch_file, h5 = tmp_path / "preset", tmp_path / "r50d.pth", tmp_path / "b.weights.h5"
+    preset.mkdir()
+    torch_file.write_bytes(b"not hdf5")
+    h5py.File(h5, "w").close()
+    backbones = ("resnet50", "resnet50d", "efficientnetv2_rw_t", "regnet", "resnet34")
+    ok = f"resnet50d={preset},efficientnetv2_rw_t=hf://timm/x,regnet={h5},resnet34=none"
+    RunConfig(model=ModelConfig(weights=ok), backbones=backbones).validate()
+    for bad, message in [
+        (f"regnet={preset}", (f"'regnet'.*regnet cannot load weights from {preset} "
+                              r"\(a KerasHub preset directory or handle\).*regnety016_notop.h5")),
+        ("resnet34=hf://timm/resnet34", "resnet34 cannot load weights from hf://timm/resnet34"),
+        (f"resnet50d={torch_file}", (r"resnet50d cannot load weights from .*r50d.pth \(not a "
+                                     r"Keras weights file \(.h5, .hdf5\)\).*save_to_preset")),
+        (f"regnet:200mf={tmp_path / 'fake.h5'}", "got '.*fake.h5'"),  # a file that does not exist
+        (f"regnet:400mf={h5}", "names regnet:400mf, which the run does not train"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RunConfig(model=ModelConfig(weights=bad), backbones=backbones).validate()
+    fake = tmp_path / "fake.h5"
+    fake.write_bytes(b"")  # named like weights, not HDF5
+    with pytest.raises(ValueError, match=r"'resnet50': resnet50 cannot .*fake.h5 \(not an HDF5"):
+        RunConfig(model=ModelConfig(weights=f"{fake},resnet34=none"), backbones=backbones).validate()

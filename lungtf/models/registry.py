@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import keras
 
 from lungtf.config import ModelConfig
@@ -28,6 +29,9 @@ from lungtf.weight_sources import weights_for
 BACKBONE_LAYER = "backbone"
 WEIGHT_CHOICES: tuple[str, ...] = ("imagenet", "none", "PATH")
 """What one backbone's weights may be: ImageNet weights, random init, or a local source."""
+
+HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
+"""Names of the weights files ``backbone.load_weights`` reads (``.weights.h5`` included)."""
 
 IMAGENET_FETCH_TIMEOUT_S = 20.0
 """Socket timeout while pretrained weights are fetched: fail fast when offline."""
@@ -207,9 +211,38 @@ def _imagenet_fetch(spec: BackboneSpec) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
+def check_weights_source(name: str, source: str) -> None:
+    """``ValueError`` when backbone ``name`` cannot take weights of ``source``'s kind.
+
+    A cheap check of the kind only, run by ``RunConfig.validate()`` for every backbone of a run
+    before anything trains (whether a file fits the variant is known only when it is loaded):
+    ``imagenet`` and ``none`` are always accepted (``imagenet`` for a backbone without ImageNet
+    weights trains from scratch with a warning); a source the backbone's own loader takes is
+    accepted (``spec.loads_weights``); any other source must be an HDF5 weights file
+    (``.weights.h5``, ``.h5``, ``.hdf5``) for ``backbone.load_weights``, so a KerasHub preset
+    directory or handle, or another kind of file, is refused.
+    """
+    spec = get_spec(name)
+    if source in WEIGHT_CHOICES[:2] or spec.loads_weights(source):
+        return
+    if "://" in source or Path(source).is_dir():
+        why = "a KerasHub preset directory or handle"
+    elif not source.lower().endswith(HDF5_SUFFIXES):
+        why = f"not a Keras weights file ({', '.join(HDF5_SUFFIXES)})"
+    elif not h5py.is_hdf5(source):
+        why = "not an HDF5 file"
+    else:
+        return
+    raise ValueError(
+        f"{spec.name} cannot load weights from {source} ({why}); it takes imagenet, none or "
+        f"{spec.weights_help}"
+    )
+
+
 def _build_backbone(spec: BackboneSpec, variant: str, source: str) -> keras.Model:
     """The headless backbone with weights ``source`` (one source: ``weights_for`` resolved it)."""
     shape = (None, None, 3)  # size-free, so that training_view can train it on crops
+    check_weights_source(spec.name, source)
     if source == "imagenet" and not spec.imagenet:
         raise ValueError(
             f"{spec.name} has no ImageNet weights (it is {spec.description}); use "
@@ -220,11 +253,6 @@ def _build_backbone(spec: BackboneSpec, variant: str, source: str) -> keras.Mode
     elif source == "imagenet" or spec.loads_weights(source):  # the backbone's own loader
         with _imagenet_fetch(spec):
             backbone = spec.build(variant, shape, weights=source)
-    elif "://" in source or Path(source).is_dir():
-        raise ValueError(
-            f"{spec.name} cannot load weights from {source}; it takes imagenet, none or "
-            f"{spec.weights_help}"
-        )
     else:  # a Keras weights file of this backbone
         backbone = spec.build(variant, shape)
         try:
