@@ -10,6 +10,8 @@ in its own order:
 - ``jpeg_header_bomb``: a small JPEG whose header was patched to declare 60000 x 60000 pixels;
 - ``pixel_budget``: five 4096 x 4096 PNGs (each at the per-image cap, together above the batch
   pixel budget);
+- ``overflow_header``: the same five behind a PNG header declaring 0xFFFFFFFF x 0xFFFFFFFF
+  (its int64 product wraps negative, which once lowered the batch total below the budget);
 - ``inflated_strings``: one tile declared as shape [64] (63 values missing);
 - ``declared_10000``: one tile declared as a batch of 10,000 images;
 - ``batch_10000``: 10,000 real (tiny) images in one request;
@@ -43,7 +45,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from lungtf import export
 from lungtf.constants import CLASS_NAMES
+from lungtf.data.hostile import png_bomb, png_header
 
 SHARED = REPO.parent / "shared" / "data" / "lc25000-lung-224"
 MiB = 2**20
@@ -69,20 +71,6 @@ EXPECTED = collections.defaultdict(lambda: REFUSED, {
     "abandoned": {"DEADLINE_EXCEEDED", "CANCELLED"},
 })  # fmt: skip
 """Statuses each kind may get; anything else (OK, UNKNOWN, INTERNAL for a hostile kind) fails."""
-
-
-def png(side: int) -> bytes:
-    """A valid 8-bit grayscale PNG of ``side`` x ``side`` black pixels (tiny file, huge decode)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    deflate = zlib.compressobj(9)
-    rows = b"\0" * (side + 1) * 100
-    idat = b"".join(deflate.compress(rows) for _ in range(side // 100))
-    idat += deflate.compress(b"\0" * (side + 1) * (side % 100)) + deflate.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def jpeg_declaring(tile: bytes, side: int) -> bytes:
@@ -136,10 +124,12 @@ def build_requests(tiles: list[bytes], size: int) -> dict[str, tuple[Any, float]
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(small, "JPEG")
     gif = io.BytesIO()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(gif, "GIF")
+    wrap = png_header(2**32 - 1, 2**32 - 1)  # width x height wraps to a negative int64
     return {
-        "bomb_png": (request(image_bytes=strings([tiles[0], png(20000)])), 60),
+        "bomb_png": (request(image_bytes=strings([tiles[0], png_bomb(20000)])), 60),
         "jpeg_header_bomb": (request(image_bytes=strings([jpeg_declaring(tiles[0], 60000)])), 60),
-        "pixel_budget": (request(image_bytes=strings([png(4096)] * 5)), 60),
+        "pixel_budget": (request(image_bytes=strings([png_bomb(4096)] * 5)), 60),
+        "overflow_header": (request(image_bytes=strings([png_bomb(4096)] * 5 + [wrap])), 60),
         "inflated_strings": (request(image_bytes=strings(tiles[:1], [64])), 60),
         "declared_10000": (request(image_bytes=strings(tiles[:1], [10000])), 60),
         "batch_10000": (request(image_bytes=strings([small.getvalue()] * 10000)), 60),

@@ -17,7 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from lungtf.client import IMAGE_SUFFIXES
-from lungtf.constants import CLASS_NAMES, MAX_IMAGE_PIXELS
+from lungtf.constants import CLASS_NAMES
+from lungtf.data.ingest import within_pixel_cap
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 """What the page opens itself (thumbnails, examples); the server decodes the same two."""
@@ -32,7 +33,7 @@ def thumbnail_uri(path: str | Path, size: int = 96) -> str | None:
     """
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
+            if not within_pixel_cap(img.width, img.height):
                 return None
             img.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale; PNG: no effect
             img.thumbnail((size, size))

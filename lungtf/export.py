@@ -182,6 +182,7 @@ def decode_and_resize(image_bytes: Any, size: int) -> Any:
         tf.range(tf.shape(image_bytes)[0]),
         fn_output_signature=tf.TensorSpec([2], tf.int64),
     )
+    # checked_size holds each side to 1..MAX_IMAGE_PIXELS first: no product or sum can wrap
     total = tf.reduce_sum(sizes[:, 0] * sizes[:, 1])
     refuse = tf.debugging.Assert(
         total <= MAX_BATCH_PIXELS,

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 from PIL import Image
 
 from lungtf.constants import CLASS_NAMES
+from lungtf.data.hostile import png_bomb  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -52,24 +50,6 @@ def write_tile(path: Path, seed: int, size: int = 40, cls: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path)
     return path
-
-
-@functools.cache
-def png_bomb(side: int = 20000) -> bytes:
-    """A valid grayscale PNG of ``side`` x ``side`` black pixels: 389 KB at 20000 px that decode
-    to 400 MB (1.2 GB as RGB), a decompression bomb. Built once per session (~3 s)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    deflate = zlib.compressobj(9)
-    rows = b"\0" * (side + 1) * 100  # 100 scanlines: filter byte 0, then black pixels
-    idat = b"".join(deflate.compress(rows) for _ in range(side // 100)) + deflate.compress(
-        b"\0" * (side + 1) * (side % 100)
-    ) + deflate.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit gray, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture

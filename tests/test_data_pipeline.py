@@ -16,16 +16,19 @@ from conftest import png_bomb
 from PIL import Image
 
 from lungtf.config import AUGMENTATIONS, DEFAULT_AUGMENT
-from lungtf.constants import CLASS_NAMES, class_index
+from lungtf.constants import CLASS_NAMES, MAX_IMAGE_PIXELS, class_index
 from lungtf.data.augment import build_augmenter, warp_host
-from lungtf.data.ingest import Record, load_records
+from lungtf.data.hostile import png_header
+from lungtf.data.ingest import Record, check_image, load_records, within_pixel_cap
 from lungtf.data.pipeline import (
+    checked_size,
     decode_resize,
     header_size,
     length_found_at_end,
     make_dataset,
     show_batch,
 )
+from lungtf.demo_files import thumbnail_uri
 from lungtf.models.portable import dtype_policy
 
 
@@ -213,3 +216,25 @@ def test_host_augmentation_runs_under_mixed_precision(tiny_folder: Path):
     mixed, reference = batches("mixed_float16"), batches("float32")
     assert mixed.dtype == np.uint8 and mixed.shape == (len(records), 24, 24, 3)
     assert np.abs(mixed.astype(int) - reference).max() <= 1  # XLA may round a level differently
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "allowed"),
+    [(4096, 4096, True), (MAX_IMAGE_PIXELS, 1, True), (4097, 4096, False), (0, 16, False),
+     (2**32 - 1, 2**32 - 1, False), (2**32 - 1, 2**31 + 1, False), (2**32 - 1, 1, False)],
+)
+def test_one_pixel_cap_rule_for_pipeline_ingest_and_demo(tmp_path: Path, width, height, allowed):
+    """Python ints and int64 tensors give the same answer, also where the int64 product wraps
+    (2**32 - 1 squared is negative); ingest and the demo refuse what the pipeline refuses."""
+    assert within_pixel_cap(width, height) == allowed
+    sides = tf.constant([width, height], tf.int64)
+    assert bool(within_pixel_cap(sides[0], sides[1])) == allowed
+    header = png_header(width, height)
+    if allowed:
+        assert checked_size(tf.constant(header)).numpy().tolist() == [height, width]
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"is {width} x {height} pixels"):
+            checked_size(tf.constant(header))
+        path = tmp_path / "header.png"
+        path.write_bytes(header)
+        assert check_image(str(path), min_side=0) is not None and thumbnail_uri(path) is None

@@ -21,6 +21,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from lungtf import export
 from lungtf.config import ModelConfig
 from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES
+from lungtf.data.hostile import png_header
 from lungtf.data.ingest import Record
 from lungtf.data.pipeline import make_dataset
 from lungtf.models import build_model
@@ -257,6 +258,22 @@ def test_signatures_refuse_hostile_batches_before_decoding(exported: Path) -> No
         pixels(pixels=tf.zeros([MAX_BATCH_IMAGES + 1, SIZE, SIZE, 3]))
     assert serve(image_bytes=tf.constant([tile] * MAX_BATCH_IMAGES))["class_id"].shape == (64,)
     assert serve(image_bytes=tf.constant([png_bomb(4096)]))["class_id"].shape == (1,)  # at the cap
+
+
+def test_an_overflowing_png_header_cannot_lower_the_batch_pixel_budget(exported: Path) -> None:
+    """0xFFFFFFFF x 0xFFFFFFFF wraps to a negative int64 product: before the fix it passed the
+    per-image check and lowered the batch total, so five real 4096 x 4096 PNGs (above
+    MAX_BATCH_PIXELS together) reached the decoder behind it. The exported signature, as TF
+    Serving runs it, must refuse the batch from the headers, naming the overflowing image."""
+    serve = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    side = 2**32 - 1
+    batch = [png_bomb(4096)] * 5 + [png_header(side, side)]
+    start = time.monotonic()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"image 5 of the batch is {side} x "):
+        serve(image_bytes=tf.constant(batch))
+    assert time.monotonic() - start < 2  # refused from the headers, nothing decoded
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image 1 of the batch is 0 x 16"):
+        serve(image_bytes=tf.constant([jpeg_tiles(1)[0], png_header(0, 16)]))
 
 
 @pytest.mark.parametrize("backbone", ["resnet50d", "efficientnetv2_rw_t"])

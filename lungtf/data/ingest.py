@@ -59,6 +59,20 @@ LC25000_LUNG = "lung_image_sets"
 LC25000_COLON = "colon_image_sets"
 
 
+def within_pixel_cap(width, height, max_pixels: int = MAX_IMAGE_PIXELS):
+    """True when a ``width`` x ``height`` header is at most ``max_pixels`` (and each side >= 1).
+
+    The one size rule of ingest, the demo, the training pipeline and the exported signatures
+    (``lungtf.data.pipeline.checked_size``). It takes Python ints or integer tensors: each side
+    is held to ``1..max_pixels`` as well, so in int64 graphs the product is only trusted when it
+    cannot wrap. A PNG header declares each side as an unsigned 32-bit number, and
+    0xFFFFFFFF x 0xFFFFFFFF wraps to a negative int64 that would pass ``w * h <= max_pixels``.
+    ``&`` (not ``and``) so tensors combine element-wise; for ints it is the same truth.
+    """
+    sides_ok = (width >= 1) & (height >= 1) & (width <= max_pixels) & (height <= max_pixels)
+    return sides_ok & (width * height <= max_pixels)
+
+
 @dataclass(frozen=True)
 class Record:
     """One image: absolute ``path``, class ``label`` (from ``CLASS_NAMES``), optional source-tile
@@ -248,7 +262,7 @@ def check_image(
             width, height = img.size
             if min(width, height) < min_side:
                 return f"too small: {width}x{height} px (smallest side must be >= {min_side})"
-            if width * height > max_pixels:
+            if not within_pixel_cap(width, height, max_pixels):
                 return f"too large: {width}x{height} px (at most {max_pixels} pixels)"
             if img.format == "JPEG":
                 img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from lungtf.constants import CLASS_NAMES, MAX_IMAGE_PIXELS, class_index
 from lungtf.data.augment import RandomFlipRotate, warp_host
-from lungtf.data.ingest import Record
+from lungtf.data.ingest import Record, within_pixel_cap
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -76,6 +76,11 @@ def checked_size(
 ) -> tf.Tensor:
     """``header_size`` that fails with ``InvalidArgumentError`` above ``max_pixels``.
 
+    The rule is ``lungtf.data.ingest.within_pixel_cap``, shared with ingest and the demo: each
+    side must lie in ``1..max_pixels`` and their product at most ``max_pixels``, so a PNG header
+    declaring 0xFFFFFFFF x 0xFFFFFFFF (whose int64 product wraps negative) is refused too, and
+    the sizes this returns are each at most ``max_pixels``, so summing a batch's cannot wrap.
+
     Args:
         image_bytes: one encoded image (string scalar).
         max_pixels: the most width x height allowed (``lungtf.constants.MAX_IMAGE_PIXELS``).
@@ -84,7 +89,7 @@ def checked_size(
     size = header_size(image_bytes)
     what = "image" if index is None else tf.strings.format("image {} of the batch", (index,))
     refuse = tf.debugging.Assert(
-        size[0] * size[1] <= max_pixels,
+        within_pixel_cap(size[1], size[0], max_pixels),
         [tf.strings.join([what, tf.strings.format(
             " is {} x {} pixels (width x height); at most {} pixels are decoded "
             "(MAX_IMAGE_PIXELS); resize it first", (size[1], size[0], max_pixels))])],
