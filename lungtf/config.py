@@ -59,6 +59,10 @@ class DataConfig:
             the flips and rotation); validation, test and serving use whole ``image_size`` tiles.
             0 trains on whole tiles. Crops of finer tiles show a network many views of each
             source tile at the training cost of the crop size.
+        data_root: the folder every image must lie in (``lungtf.data.ingest.load_records``'s
+            ``root``; ``--data-root``); default: the class root, or the manifest's folder.
+        allow_outside_root: read images outside the data root (symlinks or manifest rows
+            leading out; ``--allow-outside-root``).
     """
 
     data: str | None = None
@@ -73,6 +77,8 @@ class DataConfig:
     rotation_degrees: float = 10.0
     rotation_probability: float = 0.75
     crop_size: int = 0
+    data_root: str | None = None
+    allow_outside_root: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, what it got and what is allowed."""

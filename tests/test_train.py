@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import write_tile
 
-from lungtf.config import ModelConfig, dump_yaml, resolve_run_config
+from lungtf.config import ModelConfig, dump_yaml, load_yaml, resolve_run_config
 from lungtf.constants import CLASS_NAMES
 from lungtf.models import build_model, get_spec, list_backbones
 from lungtf.train import main
@@ -356,3 +356,67 @@ def test_backbone_without_imagenet_weights_warns_and_comparison_says_so(caplog, 
     for row in rows[:-1]:
         assert f"- {row['entry']}: {row['weights_note']}." in md
     assert "- resnet50:" not in md
+
+
+class _StopAfterIngest(Exception):
+    """Raised where the first backbone would start training: the run got past its data."""
+
+
+@pytest.fixture
+def stop_before_training(monkeypatch) -> list:
+    """``main`` runs up to the first backbone (config, lock, ingest, split) and stops there with
+    ``_StopAfterIngest``; the list collects the splits each call reached training with."""
+    reached = []
+
+    def stop(entry, cfg, rt, splits, out_dir, verbose=2, extra_callbacks=None):
+        reached.append(splits)
+        raise _StopAfterIngest(entry)
+
+    monkeypatch.setattr("lungtf.train.fit.train_backbone", stop)
+    return reached
+
+
+def test_symlinked_data_and_outside_rows_take_the_checks_flags(tmp_path, stop_before_training):
+    """A dataset of symlinked class folders is read with --data-root (the folder they lead
+    into), a manifest with ../ rows with --allow-outside-root; the flags are stored in the run's
+    config.yaml, so the same command and --resume read the run's splits.csv the same way."""
+    real = tmp_path / "disk"
+    for c, name in enumerate(CLASS_NAMES):
+        for i in range(10):
+            write_tile(real / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
+    linked = tmp_path / "dataset"
+    linked.mkdir()
+    for name in CLASS_NAMES:
+        (linked / name).symlink_to(real / name, target_is_directory=True)
+    manifest = tmp_path / "lists" / "tiles.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path,label\n" + "".join(
+        f"../disk/{name}/{name}{i}.jpeg,{name}\n" for name in CLASS_NAMES for i in range(10)))
+    common = ["--backbones", "resnet34", "--image-size", str(SIZE), "--crop-size", "0",
+              "--weights", "none",
+              "--output", str(tmp_path / "runs"), "--verbose", "0"]
+    for data, flags, name in ((linked, ["--data-root", str(real)], "linked"),
+                              (manifest, ["--allow-outside-root"], "outside")):
+        argv = ["--data", str(data), "--name", name, *common]
+        with pytest.raises(ValueError, match="--data-root.*--allow-outside-root"):
+            main(argv)  # refused by default, naming the flags that now exist here
+        for run in (tmp_path / "runs").glob(f"*-{name}"):  # the refused run's directory
+            for path in run.iterdir():
+                path.unlink()
+            run.rmdir()
+        with pytest.raises(_StopAfterIngest):
+            main(argv + flags)
+        (run,) = (tmp_path / "runs").glob(f"*-{name}")
+        stored = load_yaml(run / "config.yaml")["data"]
+        assert (stored["data_root"], stored["allow_outside_root"]) == (
+            (str(real), False) if name == "linked" else (None, True))
+        with pytest.raises(_StopAfterIngest):
+            main(argv + flags)  # the same command resumes this run: the same configuration
+        with pytest.raises(_StopAfterIngest):
+            main(["--resume", str(run)])
+        assert [p.name for p in (tmp_path / "runs").glob(f"*-{name}")] == [run.name]
+        first, again, resumed = (
+            {k: [(os.path.realpath(r.path), r.label, r.group) for r in rs] for k, rs in s.items()}
+            for s in stop_before_training[-3:]
+        )
+        assert sum(map(len, first.values())) == 30 and again == first and resumed == first

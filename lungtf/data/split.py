@@ -186,13 +186,17 @@ def write_manifest(records: list[Record], path: str | os.PathLike, protocol: str
         writer.writerows((r.path, r.label, r.group or "", r.split, protocol) for r in records)
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[list[Record], str]:
+def read_manifest(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, confine: bool = True
+) -> tuple[list[Record], str]:
     """Read a split manifest written by ``write_manifest``: ``(records, protocol)``.
+
+    ``root`` and ``confine`` are ``ingest.load_records``'s (the data root the rows must lie in).
 
     Raises:
         ValueError: a missing or mixed ``protocol`` column, or a row without a split.
     """
-    records = ingest.load_records(path)
+    records = ingest.load_records(path, root, confine)
     with open(path, newline="", encoding="utf-8") as fh:
         protocols = {(row.get("protocol") or "").strip() for row in csv.DictReader(fh)}
     if len(protocols) != 1 or not protocols <= set(SPLIT_PROTOCOLS):

@@ -34,7 +34,6 @@ from lungtf.config import (
     from_dict,
     load_yaml,
     resolve_run_config,
-    to_dict,
 )
 from lungtf.train.rundir import RunDirBusy, RunLock, atomic_path, claim_new, remove_temporaries
 
@@ -69,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--splits", help="existing split manifest (path,label,group,split,protocol)")
     p.add_argument("--groups", help="path,label,group CSV (default: groups.csv beside the data)")
+    p.add_argument("--data-root",
+                   help="folder every image must lie in (default: the class root, or the "
+                   "manifest's folder)")
+    p.add_argument("--allow-outside-root", action="store_true", default=None,
+                   help="read images outside the data root (symlinks or manifest rows leading "
+                   "out)")
     p.add_argument("--backbones", help="comma list of name[:variant], e.g. resnet50,regnet:400mf")
     p.add_argument("--preset", choices=PRESETS, help="recipe preset (default: follows hardware)")
     p.add_argument("--config", help="YAML file applied after the preset")
@@ -127,6 +132,8 @@ def _overrides(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "cache": args.cache,
             "augment": None if args.augment is None else csv_list(args.augment),
+            "data_root": args.data_root,
+            "allow_outside_root": args.allow_outside_root,
         },
         "model": {"image_size": args.image_size, "weights": args.weights},
         "train": {
@@ -155,6 +162,15 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _same_config(path: Path, cfg: RunConfig) -> bool:
+    """Whether the ``config.yaml`` at ``path`` resolves to ``cfg`` (keys it lacks, e.g. ones
+    added to ``RunConfig`` since, take their defaults)."""
+    try:
+        return from_dict(RunConfig, load_yaml(path)) == cfg
+    except ValueError:  # an unknown key: not this configuration
+        return False
+
+
 def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, RunLock]:
     """Lock the newest unfinished run directory of this name and configuration that no other
     live process holds, or make and lock a new one (``lungtf.train.rundir``)."""
@@ -165,7 +181,7 @@ def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, RunLock]:
             if (
                 (candidate / "comparison.md").is_file()
                 or not config.is_file()
-                or load_yaml(config) != to_dict(cfg)
+                or not _same_config(config, cfg)
             ):
                 continue
             lock = RunLock.try_acquire(candidate)

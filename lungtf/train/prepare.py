@@ -90,6 +90,10 @@ def prepare_splits(data, run_dir: Path) -> tuple[dict[str, list], str]:
         data: the run's ``DataConfig``.
         run_dir: the run directory.
 
+    Every image must lie inside the data root (``data.data_root``, else the dataset's own
+    folder) unless ``data.allow_outside_root``; the run's own ``splits.csv`` is read under the
+    same rule when it resumes.
+
     Returns:
         ``({"train": [...], "val": [...], "test": [...]}, protocol)``.
 
@@ -100,13 +104,14 @@ def prepare_splits(data, run_dir: Path) -> tuple[dict[str, list], str]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = run_dir / "splits.csv"
+    inside = {"root": data.data_root, "confine": not data.allow_outside_root}
     if manifest.is_file():  # a resumed run keeps its split
-        records, protocol = read_manifest(manifest)
+        records, protocol = read_manifest(manifest, **inside)
     elif data.splits:
-        records, protocol = read_manifest(data.splits)
+        records, protocol = read_manifest(data.splits, **inside)
     else:
         source = find_data(data.data)
-        records, protocol = load_records(source), PROTOCOL_GROUPED
+        records, protocol = load_records(source, **inside), PROTOCOL_GROUPED
     good, bad = check_images(records)
     with atomic_path(run_dir / "bad_files.csv") as tmp:
         write_bad_report(bad, tmp)
