@@ -180,6 +180,10 @@ class TrainConfig:
         distribution: one of ``DISTRIBUTIONS``.
         device_augment: ``"auto"`` (augment inside the training step when a GPU is visible),
             ``True`` or ``False`` (augment in the tf.data pipeline).
+        ema_momentum: keep an exponential moving average of the trainable weights with this
+            momentum per step (Keras's optimizer ``use_ema``), validate and checkpoint with the
+            averaged weights, so ``best.keras`` and the exported model are averages; ``None``
+            (default) trains without it. 0.99 averages over about the last 100 steps.
     """
 
     head_epochs: int = 2
@@ -197,6 +201,7 @@ class TrainConfig:
     jit_compile: bool | str = AUTO
     distribution: str = AUTO
     device_augment: bool | str = AUTO
+    ema_momentum: float | None = None
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads ``1e-3`` (no dot) as a string: accept any number written as text.
@@ -236,6 +241,13 @@ class TrainConfig:
         _check_choice("jit_compile", self.jit_compile, (AUTO, True, False))
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("device_augment", self.device_augment, (AUTO, True, False))
+        if self.ema_momentum is not None and not (
+            isinstance(self.ema_momentum, (int, float)) and not isinstance(self.ema_momentum, bool)
+            and 0 < self.ema_momentum < 1
+        ):
+            raise ValueError(
+                f"ema_momentum must be a number in (0, 1) or null (no EMA); got {self.ema_momentum!r}"
+            )
 
 
 @dataclass(frozen=True)

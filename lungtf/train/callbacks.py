@@ -126,6 +126,24 @@ class InnerCheckpoint(keras.callbacks.ModelCheckpoint):
                 self.model.save(tmp, overwrite=True)
 
 
+class SwapEMA(keras.callbacks.SwapEMAWeights):
+    """Keras's ``SwapEMAWeights(swap_on_epoch=True)``: validation and every callback after it at
+    an epoch's end see the optimizer's averaged (EMA) weights; the raw ones train on.
+
+    Keras leaves the averages in the model only when the last planned epoch ends; when training
+    stops early (``EarlyStopping``, which must come before this callback), ``fit`` would put
+    the raw weights back, so the averages are kept here too.
+    """
+
+    def __init__(self):
+        super().__init__(swap_on_epoch=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.model.stop_training and epoch != self.params["epochs"] - 1:
+            self._finalize_ema_values()
+
+
 class Throughput(keras.callbacks.Callback):
     """Training images per second, excluding validation and the first (compiling) epoch."""
 
@@ -175,26 +193,32 @@ def make_callbacks(
     model: keras.Model,
     images_per_epoch: int,
     patience: int,
+    ema: bool = False,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one phase of one backbone, in the order that keeps resume exact.
 
     The history row is written before the backup, so a kill between the two repeats the epoch
-    (its row is then replaced) instead of losing its row.
+    (its row is then replaced) instead of losing its row. With ``ema`` (an optimizer with
+    ``use_ema``), ``SwapEMA`` comes after the backup, which must hold the raw weights and the
+    optimizer's averages as they are to resume, and before the best checkpoint, which saves the
+    averaged weights; early stopping comes before it, so it can keep the averages.
     """
+    stopping = []
+    if patience:
+        stopping.append(
+            keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience)
+        )
     callbacks = [
         ResumableCSVLogger(out_dir / "history.csv"),
         PhaseBackup(out_dir / "backup" / phase),
+        *(stopping + [SwapEMA()] if ema else []),
         InnerCheckpoint(model, out_dir / "best.keras", out_dir / "history.csv"),
         keras.callbacks.TensorBoard(
             str(out_dir / "tensorboard" / phase), write_graph=False, profile_batch=0
         ),
         Throughput(images_per_epoch),
     ]
-    if patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience)
-        )
-    return callbacks
+    return callbacks if ema else callbacks + stopping
 
 
 def plot_curves(history_csv: str | Path, png: str | Path, title: str) -> None:

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-augment", **auto_flag,
                    help="augment inside the training step: auto (with a GPU), true, false "
                    "(any case)")
+    p.add_argument("--ema", type=float, metavar="MOMENTUM",
+                   help="validate, checkpoint and export an exponential moving average of the "
+                   "weights with this momentum per step, e.g. 0.99 (default: off)")
     p.add_argument("--output", help="folder of run directories (default runs)")
     p.add_argument("--name", help="run name (default train)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
@@ -148,6 +151,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "jit_compile": args.jit_compile,
             "distribution": args.distribution,
             "device_augment": args.device_augment,
+            "ema_momentum": args.ema,
         },
         "backbones": None if args.backbones is None else csv_list(args.backbones),
         "output": args.output,

@@ -143,10 +143,16 @@ def make_schedule(kind: str, peak: float, total_steps: int, warmup_fraction: flo
     )
 
 
-def compile_model(model: keras.Model, lr, run: RunConfig, rt: Runtime) -> None:
-    """AdamW + cross-entropy on one-hot labels (so label smoothing applies) + accuracy."""
+def compile_model(
+    model: keras.Model, lr, run: RunConfig, rt: Runtime, ema: float | None = None
+) -> None:
+    """AdamW + cross-entropy on one-hot labels (so label smoothing applies) + accuracy; with
+    ``ema`` (a momentum), the optimizer keeps a moving average of the weights (``SwapEMA``)."""
+    ema_options = {"use_ema": True, "ema_momentum": ema} if ema is not None else {}
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=lr, weight_decay=run.train.weight_decay),
+        optimizer=keras.optimizers.AdamW(
+            learning_rate=lr, weight_decay=run.train.weight_decay, **ema_options
+        ),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=run.train.label_smoothing),
         metrics=["accuracy"],
         jit_compile=rt.jit_compile,
@@ -274,10 +280,12 @@ def train_backbone(
                 ),
                 run,
                 rt,
+                ema=run.train.ema_momentum,
             )
         finished = state["phases"].get(phase.name)
         callbacks = make_callbacks(
-            out_dir, phase.name, model, len(splits["train"]), run.train.early_stopping_patience
+            out_dir, phase.name, model, len(splits["train"]), run.train.early_stopping_patience,
+            ema=run.train.ema_momentum is not None,
         ) + list(extra_callbacks or [])
         log.info(
             "%s: phase %s, epochs %d..%d, peak lr %.2e%s",
