@@ -70,7 +70,8 @@ def is_example_tile(path: Path, root: Path) -> bool:
 
 
 def run_data_root(run_dir: Path, data_root: str | Path | None) -> Path:
-    """Where a run's test tiles must lie: ``data_root``, else the data of its ``config.yaml``.
+    """Where a run's test tiles must lie: ``data_root``, else the data root of its
+    ``config.yaml`` (``data.data_root``, else ``data.data``).
 
     Raises:
         FileNotFoundError: when neither names an existing folder or CSV manifest.
@@ -79,7 +80,8 @@ def run_data_root(run_dir: Path, data_root: str | Path | None) -> Path:
 
     if data_root is None and (run_dir / "config.yaml").is_file():
         config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-        data_root = (config.get("data") or {}).get("data")
+        data = config.get("data") or {}
+        data_root = data.get("data_root") or data.get("data")
     root = Path(data_root) if data_root else None
     if root is None or not root.exists():
         raise FileNotFoundError(

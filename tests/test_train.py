@@ -420,3 +420,30 @@ def test_symlinked_data_and_outside_rows_take_the_checks_flags(tmp_path, stop_be
             for s in stop_before_training[-3:]
         )
         assert sum(map(len, first.values())) == 30 and again == first and resumed == first
+
+
+def test_found_data_is_written_into_config_and_the_demo_finds_it(
+    tmp_path, monkeypatch, stop_before_training
+):
+    """A run that found its data ($LUNGTF_DATA, relative here) stores the absolute path in
+    config.yaml: the demo's --run finds its test tiles without --data-root, and the same command
+    run again resolves the same configuration, so it resumes the run."""
+    from lungtf.demo_files import find_examples
+
+    for c, name in enumerate(CLASS_NAMES):
+        for i in range(10):
+            write_tile(tmp_path / "tiles" / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LUNGTF_DATA", "tiles")
+    argv = ["--backbones", "resnet34", "--image-size", str(SIZE), "--crop-size", "0",
+            "--weights", "none", "--output", "runs", "--name", "found", "--verbose", "0"]
+    for _ in range(2):
+        with pytest.raises(_StopAfterIngest):
+            main(argv)
+    (run,) = (tmp_path / "runs").glob("*-found")  # the second call resumed the first run
+    assert load_yaml(run / "config.yaml")["data"]["data"] == str(tmp_path / "tiles")
+    monkeypatch.chdir(run)  # the demo is started from anywhere
+    examples = find_examples([], run.resolve(), per_source=6)
+    tests = {r.path for r in stop_before_training[0]["test"]}
+    assert examples and all(caption.startswith("test: ") for _, caption in examples)
+    assert {path for path, _ in examples} <= tests

@@ -2,7 +2,8 @@
 
 Configuration: dataclass defaults, then the preset (``--preset``, else chosen from the hardware:
 ``gpu`` with a GPU visible, ``cpu`` otherwise), then ``--config my.yaml``, then flags; validated
-before anything runs and written to the run directory as ``config.yaml``.
+before anything runs and written to the run directory as ``config.yaml``, with the data that was
+found automatically (no ``--data``) written in as an absolute path.
 
 Resume: the run directory is ``<output>/<UTC timestamp>-<name>``. Started again with the same
 command (same resolved configuration and ``--name``), the newest unfinished run directory of that
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from lungtf.config import (
@@ -166,6 +169,18 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _with_found_data(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``data.data`` set to the data found automatically (``prepare.find_data``),
+    as an absolute path, when neither ``--data`` nor ``--splits`` names it: the run's
+    ``config.yaml`` then says where its tiles are (the demo's data root), and a rerun of the same
+    command finds the same data, so the run resumes."""
+    if cfg.data.data or cfg.data.splits:
+        return cfg
+    from lungtf.train.prepare import find_data
+
+    return replace(cfg, data=replace(cfg.data, data=os.path.abspath(find_data(None))))
+
+
 def _same_config(path: Path, cfg: RunConfig) -> bool:
     """Whether the ``config.yaml`` at ``path`` resolves to ``cfg`` (keys it lacks, e.g. ones
     added to ``RunConfig`` since, take their defaults)."""
@@ -233,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = resolve_run_config(choose_preset(args.preset), args.config, _overrides(args))
     cfg.validate()
+    if not args.resume:
+        cfg = _with_found_data(cfg)
     try:
         run_dir, lock = (run_dir, RunLock.acquire(run_dir)) if args.resume else _run_dir(cfg, args)
     except RunDirBusy as err:

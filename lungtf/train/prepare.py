@@ -28,7 +28,7 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "lc25000
 def find_data(data: str | None) -> str:
     """The data source to use, in the documented order; downloads as the last resort."""
     for source, where in (
-        (data, "--data"),
+        (data, "--data or the run's config.yaml"),
         (os.environ.get("LUNGTF_DATA"), "$LUNGTF_DATA"),
         ("data" if Path("data").is_dir() else None, "data/"),
         (str(SHARED_DATA) if SHARED_DATA.is_dir() else None, "shared tiles beside the checkout"),
