@@ -413,6 +413,66 @@ def test_manager_skips_half_written_and_broken_versions(
     assert list(manager.table()["lungtf"]) == [1]  # a deleted version is unloaded
 
 
+def test_unknown_dtype_enums_are_invalid_argument_without_a_traceback(live: dict) -> None:
+    """A request's dtype is an open enum; numbers DataType does not define once made the error
+    message itself raise: INTERNAL, with a traceback in the log for every such request."""
+    before = len(live["log"].read_text())
+    for enum in (9999, -1, 2**31 - 1, tf.float32.as_datatype_enum + 100):  # 101: DT_FLOAT_REF
+        req = good()
+        req.inputs["image_bytes"].dtype = enum
+        with pytest.raises(grpc.RpcError) as err:
+            live["predict"].Predict(req, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (enum, err.value.details())
+        assert "to be string but" in err.value.details()
+    assert "unknown dtype enum 9999 is provided" in err.value.details() or enum == 101
+    log = live["log"].read_text()[before:]
+    assert "Traceback" not in log and "request failed" not in log, log[-2000:]
+
+
+def _add_dims(proto: object, rng: object) -> None:
+    for _ in range(rng.randint(0, 4)):
+        proto.tensor_shape.dim.add(size=rng.choice([0, 1, 3, 32, -1, 2**62, 65]))
+
+
+MUTATIONS = {  # TensorProto fields a client may fill with anything
+    "dtype": lambda p, r: setattr(p, "dtype", r.choice([9999, -1, 0, 7, 20, 21, 101, 2**31 - 1])),
+    "dims": _add_dims,
+    "clear shape": lambda p, r: p.tensor_shape.Clear(),
+    "unknown rank": lambda p, r: setattr(p.tensor_shape, "unknown_rank", True),
+    "content": lambda p, r: setattr(p, "tensor_content", bytes(r.choice([0, 1, 3, 4, 12289]))),
+    "strings": lambda p, r: p.string_val.extend([b"x"] * r.randint(0, 3)),
+    "floats": lambda p, r: p.float_val.extend([1.0] * r.randint(0, 3)),
+    "complex": lambda p, r: p.scomplex_val.extend([1.0] * r.randint(0, 3)),
+    "ints": lambda p, r: p.int64_val.extend([1] * r.randint(0, 3)),
+    "version": lambda p, r: setattr(p, "version_number", r.randint(-3, 3)),
+}  # fmt: skip
+
+
+def test_malformed_tensor_protos_never_reach_the_catch_all(live: dict) -> None:
+    """300 seeded random mutations of the request tensor (dtype, shape, value fields) on both
+    signatures: each is answered OK or with a ServingError, never an unexpected exception (the
+    server would answer INTERNAL and log a traceback)."""
+    import random
+
+    from lungtf.serving.limits import ServingError
+    from lungtf.serving.models import load_servable
+
+    table = {"lungtf": {1: load_servable("lungtf", 1, live["base"] / "1")}}
+    rng, codes = random.Random(0), set()
+    for _ in range(300):
+        pixels = rng.random() < 0.5
+        req = request(signature="predict_pixels", pixels=PIXELS) if pixels else good()
+        proto = req.inputs["pixels" if pixels else "image_bytes"]
+        for name in rng.sample(sorted(MUTATIONS), rng.randint(1, 3)):
+            MUTATIONS[name](proto, rng)
+        try:
+            handlers.predict(table, req)
+            codes.add("OK")
+        except ServingError as err:
+            codes.add(err.code.name)
+    assert codes <= {"OK", "INVALID_ARGUMENT"}, codes
+
+
 def test_sigterm_stops_gracefully(live: dict) -> None:
     """Runs last in this module: it ends the shared server."""
     live["proc"].send_signal(signal.SIGTERM)

@@ -6,8 +6,9 @@ raises ``ServingError`` with the status code TF Serving gives in the same case:
 - no model name -> INVALID_ARGUMENT; unknown model or version -> NOT_FOUND; unknown version label
   -> INVALID_ARGUMENT; unknown signature -> FAILED_PRECONDITION; the messages name what was asked
   for, never the other models and versions the server holds;
-- missing or extra inputs, a wrong dtype or shape, an empty batch, undecodable image bytes, an
-  unknown output filter -> INVALID_ARGUMENT, each message saying what was received;
+- missing or extra inputs, a wrong dtype (also a number ``DataType`` does not define) or shape,
+  an empty batch, undecodable image bytes, an unknown output filter -> INVALID_ARGUMENT, each
+  message saying what was received, with no traceback in the log;
 - a tensor whose sent values do not match its declared shape, a batch or string item above the
   server's ``Limits`` -> INVALID_ARGUMENT, checked before anything is allocated
   (``lungtf.serving.limits``); an image the exported signature refuses (not JPEG/PNG, above
@@ -27,7 +28,6 @@ from typing import Any
 import grpc
 import tensorflow as tf
 from google.protobuf import any_pb2
-from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -35,7 +35,7 @@ from tensorflow_serving.apis import (
 )
 
 from lungtf.serving.calls import Call
-from lungtf.serving.limits import Limits, ServingError, check_tensor
+from lungtf.serving.limits import Limits, ServingError, check_tensor, dtype_name
 from lungtf.serving.models import Servable
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -92,11 +92,6 @@ def signature(servable: Servable, name: str) -> tuple[str, Any]:
     return key, servable.signature_defs[key]
 
 
-def _dtype_name(enum: int) -> str:
-    """TF Serving's spelling: ``DT_FLOAT`` -> ``float``."""
-    return types_pb2.DataType.Name(enum).removeprefix("DT_").lower()
-
-
 def convert_inputs(inputs: Any, sig_key: str, sig: Any, limits: Limits) -> dict[str, Any]:
     """Check request inputs against the SignatureDef and the limits, then make them tensors."""
     sent, expected = set(inputs), set(sig.inputs)
@@ -112,8 +107,8 @@ def convert_inputs(inputs: Any, sig_key: str, sig: Any, limits: Limits) -> dict[
         if proto.dtype != info.dtype:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"Expects arg[{alias!r}] to be {_dtype_name(info.dtype)} but "
-                f"{_dtype_name(proto.dtype)} is provided",
+                f"Expects arg[{alias!r}] to be {dtype_name(info.dtype)} but "
+                f"{dtype_name(proto.dtype)} is provided",
             )
         check_tensor(alias, proto, info, limits)
     tensors = {}
@@ -123,7 +118,7 @@ def convert_inputs(inputs: Any, sig_key: str, sig: Any, limits: Limits) -> dict[
         except (ValueError, TypeError):
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"input {alias!r} is not a valid {_dtype_name(proto.dtype)} tensor",
+                f"input {alias!r} is not a valid {dtype_name(proto.dtype)} tensor",
             ) from None
         tensors[alias] = tf.constant(array, dtype=tf.dtypes.as_dtype(sig.inputs[alias].dtype))
     return tensors

@@ -84,6 +84,20 @@ def value_fields() -> dict[int, tuple[str, int]]:
     }  # fmt: skip
 
 
+def dtype_name(enum: int) -> str:
+    """TF Serving's spelling of a ``DataType`` (``DT_FLOAT`` -> ``float``) for messages.
+
+    A request's dtype is an open enum: any int32 arrives (9999, -1), and
+    ``DataType.Name`` raises on one it does not define, so such a number is named, not raised on.
+    """
+    from tensorflow.core.framework import types_pb2
+
+    try:
+        return types_pb2.DataType.Name(enum).removeprefix("DT_").lower()
+    except ValueError:
+        return f"unknown dtype enum {enum}"
+
+
 def sent_values(alias: str, proto: Any) -> int:
     """How many elements a ``TensorProto`` actually carries (not what its shape declares).
 
@@ -91,9 +105,7 @@ def sent_values(alias: str, proto: Any) -> int:
         ServingError: INVALID_ARGUMENT for a dtype the dev server does not read, string values
             in ``tensor_content``, or ``tensor_content`` that is not a whole number of elements.
     """
-    from tensorflow.core.framework import types_pb2
-
-    name = types_pb2.DataType.Name(proto.dtype)  # a signature's dtype: checked before
+    name = dtype_name(proto.dtype)
     if proto.dtype not in value_fields():
         raise _invalid(f"input {alias!r} has dtype {name}, which the dev server does not accept")
     field, itemsize = value_fields()[proto.dtype]
