@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lungtf.constants import CLASS_NAMES, PROTOCOL_RANDOM
+from lungtf.evaluate import plots
 from lungtf.evaluate.__main__ import main
 from lungtf.evaluate.calibration import apply_temperature
 
@@ -24,11 +25,34 @@ def probabilities(rows: list[dict]) -> np.ndarray:
     return np.array([[float(r[c]) for c in CLASS_NAMES] for r in rows])
 
 
+PANELS: dict[str, list[tuple[str, object, object]]] = {}
+"""PNG name -> (title, title box, axes box) of every titled panel, as drawn by ``run_eval``."""
+
+
+def record_panels(save):
+    """Wrap ``plots._save``: measure each panel's title on the drawn figure, then save."""
+
+    def spy(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        PANELS[Path(path).name] = [
+            (ax.get_title(), ax.title.get_window_extent(renderer), ax.get_window_extent(renderer))
+            for ax in fig.axes if ax.get_title()
+        ]  # fmt: skip
+        return save(fig, path)
+
+    return spy
+
+
 @pytest.fixture(scope="module")
 def run_eval(tiny_run, tmp_path_factory) -> Path:
-    """The default evaluation of the tiny run's best model on its test split."""
+    """The default evaluation of the tiny run's best model on its test split (3 source tiles of
+    3 tiles each, so the 4 worst tiles repeat a source tile)."""
     out = tmp_path_factory.mktemp("eval")
-    assert main([str(tiny_run), "--out", str(out), "--top-losses", "4", "--bootstrap", "200"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_save", record_panels(plots._save))
+        argv = [str(tiny_run), "--out", str(out), "--top-losses", "4", "--bootstrap", "200"]
+        assert main(argv) == 0
     return out
 
 
@@ -73,6 +97,54 @@ def test_run_directory_writes_every_output(tiny_run, run_eval):
     assert (run_eval / "confusion_matrix.csv").read_text().startswith(
         "actual\\predicted," + ",".join(CLASS_NAMES)
     )
+
+
+def test_top_losses_show_the_worst_tile_of_each_worst_source_tile(tiny_run, run_eval):
+    rows = read_csv(run_eval / "predictions.csv")
+    ranked = sorted(rows, key=lambda r: -float(r["loss"]))
+    assert len({r["group"] for r in ranked[:4]}) < 4, "premise: the 4 worst repeat a source tile"
+    worst: dict[str, dict] = {}
+    for r in ranked:
+        worst.setdefault(r["group"], r)
+    expected = list(worst.values())[:4]
+    shown = json.loads((run_eval / "metrics.json").read_text())["top_losses"]
+    assert [s["path"] for s in shown] == [r["path"] for r in expected]
+    backbones = [p.parent.name for p in tiny_run.glob("*/best.keras")]
+    for png in ["top_losses.png", *(f"gradcam_{b}.png" for b in backbones)]:
+        titles = [t for t, _, _ in PANELS[png]]
+        # what a person reads: one panel per source tile, its id on the title's second line
+        assert [t.split("\n")[1].split()[0] for t in titles] == [r["group"] for r in expected]
+    first = PANELS["top_losses.png"][0][0].split("\n")[0]
+    r = expected[0]
+    p = float(r[r["predicted"]])
+    assert first == f"{r['label'][5:]}\u2192{r['predicted'][5:]} {p:.2f}"  # e.g. aca→scc 0.94
+
+
+def test_panel_titles_fit_their_panels(run_eval):
+    assert {"top_losses.png", "gradcam_resnet34.png"} <= set(PANELS)
+    for png, panels in PANELS.items():
+        for k, (title, box, axes) in enumerate(panels):
+            where = f"{png} panel {k} {title!r}"
+            assert axes.x0 - 1 <= box.x0 and box.x1 <= axes.x1 + 1, f"{where} wider than its panel"
+            assert box.y0 >= axes.y1 - 1, f"{where} overlaps its tile"
+            for j, (_, other_box, other_axes) in enumerate(panels):
+                if j != k:
+                    assert not box.overlaps(other_box), f"{where} runs into panel {j}'s title"
+                    assert not box.overlaps(other_axes), f"{where} runs into panel {j}'s tile"
+
+
+def test_long_titles_are_shrunk_then_elided(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.5, 1.5))
+    ax.imshow(np.zeros((8, 8, 3), np.uint8))
+    fig.canvas.draw()
+    plots.fit_title(ax, "lung_aca\u2192lung_scc 0.94\n" + "x" * 80)
+    renderer = fig.canvas.get_renderer()
+    assert ax.title.get_window_extent(renderer).width <= ax.get_window_extent(renderer).width
+    first, second = ax.get_title().split("\n")
+    assert first == "lung_aca\u2192lung_scc 0.94" and "\u2026" in second
+    plt.close(fig)
 
 
 def test_leaky_manifest_is_reported_as_inflated_and_data_reroots_moved_images(

@@ -2,8 +2,9 @@
 
 Evaluates a run directory, a ``.keras`` file or an exported SavedModel on one split of a split
 manifest and writes into ``--out``: ``predictions.csv``, ``metrics.json``, ``report.md``,
-``confusion_matrix.csv``/``.png``, ``reliability.png``, ``top_losses.png`` and Grad-CAM overlays
-of the top losses (``gradcam_<backbone>.png``: for a run, one per backbone it trained).
+``confusion_matrix.csv``/``.png``, ``reliability.png``, ``top_losses.png`` (the worst tile of each
+of the ``--top-losses`` worst source tiles) and Grad-CAM overlays of those tiles
+(``gradcam_<backbone>.png``: for a run, one per backbone it trained).
 ``--calibrate`` fits a temperature on the validation split and stores it in ``lungtf.json``;
 ``--compare OTHER`` adds McNemar's test against another model on the same tiles.
 """
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", help="output folder (default: <run>/eval-<split>, else ./eval-<split>)")
     p.add_argument("--top-losses", type=int, default=9, metavar="N",
-                   help="tiles in the top-losses and Grad-CAM grids (0: none)")
+                   help="source tiles in the top-losses and Grad-CAM grids, the worst tile of "
+                   "each (0: none)")
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the val split and store it in lungtf.json")
     p.add_argument("--compare", metavar="OTHER_MODEL", help="McNemar's test against this model")
@@ -138,32 +140,41 @@ def _gradcam_models(model: LoadedModel) -> dict[str, object]:
     return {str(model.metadata.get("backbone", "model")): model.keras_model}
 
 
-def _top_losses(model, records, y_true, probs, n, out: Path, summary: dict) -> None:
+def _top_losses(model, records, groups, y_true, probs, n, out: Path, summary: dict) -> None:
+    """``top_losses.png`` and ``gradcam_<backbone>.png``: the worst tile of each of the ``n``
+    worst source tiles (``report.worst_per_group``), listed in ``summary["top_losses"]``."""
     losses = report.tile_losses(probs, y_true)
-    top = np.argsort(-losses, kind="stable")[:n]
+    top = report.worst_per_group(losses, groups, n)
     chosen = [records[i] for i in top]
-    titles = [
-        f"{CLASS_NAMES[int(probs[i].argmax())]}/{CLASS_NAMES[y_true[i]]}/{losses[i]:.2f}/"
-        f"{probs[i, y_true[i]]:.2f}"
-        for i in top
-    ]
+    pred = probs[top].argmax(1)
+    titles = [plots.tile_title(y_true[i], p, probs[i, p], f"{groups[i]} loss {losses[i]:.2f}")
+              for i, p in zip(top, pred)]
+    summary["top_losses"] = [
+        {"path": records[i].path, "group": groups[i], "label": CLASS_NAMES[y_true[i]],
+         "predicted": CLASS_NAMES[p], "loss": float(losses[i])}
+        for i, p in zip(top, pred)
+    ]  # fmt: skip
     pixels = load_pixels(chosen, model.image_size)
     plots.tile_grid_png(pixels, titles, out / "top_losses.png")
-    summary["figures"]["Top losses (prediction/actual/loss/probability of actual)"] = (
-        "top_losses.png"
-    )
+    summary["figures"][
+        "Top losses: the worst tile of each of the worst source tiles (actual→predicted, "
+        "probability of the prediction; source tile, loss)"
+    ] = "top_losses.png"
     explain = _gradcam_models(model)
     if not explain:
         summary["notes"].append("Grad-CAM needs a Keras model; a SavedModel has none.")
     for name, keras_model in explain.items():
         size = int(keras_model.input_shape[1])
         px = pixels if size == model.image_size else load_pixels(chosen, size)
-        heat, pred, prob = gradcam.gradcam(keras_model, px)
+        heat, cam_pred, prob = gradcam.gradcam(keras_model, px)
         big = gradcam.upsample(heat, size)
-        cam_titles = [f"{name}: {CLASS_NAMES[p]} {q:.2f} / {CLASS_NAMES[y_true[i]]}"
-                      for p, q, i in zip(pred, prob, top)]
+        cam_titles = [plots.tile_title(y_true[i], p, q, groups[i])
+                      for p, q, i in zip(cam_pred, prob, top)]
         plots.tile_grid_png(px, cam_titles, out / f"gradcam_{name}.png", heatmaps=big)
-        summary["figures"][f"Grad-CAM of the top losses: {name}"] = f"gradcam_{name}.png"
+        summary["figures"][
+            f"Grad-CAM of {name} on the top losses (evidence for its own prediction: "
+            "actual→predicted, probability; source tile)"
+        ] = f"gradcam_{name}.png"
 
 
 def _compare(other_source: str, records, y_true, probs, batch_size: int) -> dict:
@@ -225,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
     summary["figures"].update({"Confusion matrix": "confusion_matrix.png",
                                "Reliability diagram": "reliability.png"})
     if args.top_losses > 0:
-        _top_losses(model, records, y_true, probs, args.top_losses, out, summary)
+        _top_losses(model, records, groups, y_true, probs, args.top_losses, out, summary)
     if args.compare:
         summary["comparison"] = _compare(args.compare, records, y_true, probs, args.batch_size)
     report.write_metrics_json(out / "metrics.json", summary)

@@ -74,6 +74,48 @@ def reliability_png(
     return _save(fig, path)
 
 
+def short_class(name: str) -> str:
+    """A class name short enough for a panel title: ``lung_scc`` -> ``scc``."""
+    return name.removeprefix("lung_")
+
+
+def tile_title(actual: int, predicted: int, probability: float, source: str = "") -> str:
+    """A tile's panel title: ``aca→scc 0.94`` (actual → predicted, probability of the
+    prediction), then the source tile id on a second line when given."""
+    head = f"{short_class(CLASS_NAMES[actual])}\u2192{short_class(CLASS_NAMES[predicted])} "
+    head += f"{probability:.2f}"
+    return f"{head}\n{source}" if source else head
+
+
+def _elide(line: str, keep: int) -> str:
+    """``line`` cut to ``keep`` characters with an ellipsis in the middle."""
+    if len(line) <= keep:
+        return line
+    left = keep // 2
+    return line[:left] + "\u2026" + line[len(line) - (keep - 1 - left):]
+
+
+def fit_title(ax: plt.Axes, title: str, fontsize: float = 9, min_fontsize: float = 6) -> None:
+    """Set ``ax``'s title so that it is no wider than the axes: the font shrinks down to
+    ``min_fontsize``, then the longest lines lose characters in the middle (``lung_…-158``).
+
+    The figure must have been drawn once (``fig.canvas.draw()``) so the axes have their size.
+    """
+    renderer = ax.figure.canvas.get_renderer()
+    room = ax.get_window_extent(renderer).width
+    text = ax.set_title(title, fontsize=fontsize)
+    width = text.get_window_extent(renderer).width
+    if width > room:
+        text.set_fontsize(max(min_fontsize, fontsize * room / width))
+    lines = title.split("\n")
+    while text.get_window_extent(renderer).width > room:
+        longest = max(range(len(lines)), key=lambda k: len(lines[k]))
+        if len(lines[longest]) <= 2:
+            break
+        lines[longest] = _elide(lines[longest], len(lines[longest]) - 1)
+        text.set_text("\n".join(lines))
+
+
 def tile_grid_png(
     images: np.ndarray,
     titles: list[str],
@@ -83,6 +125,9 @@ def tile_grid_png(
     alpha: float = 0.45,
 ) -> Path:
     """A grid of tiles with a title above each, optionally with a heatmap drawn over each tile.
+
+    Titles may have several lines (``tile_title``); each is fitted to its panel (``fit_title``),
+    so neighbouring titles never run into each other.
 
     Args:
         images: ``[N, H, W, 3]`` raw 0-255 pixels.
@@ -101,12 +146,18 @@ def tile_grid_png(
         )
     ncols = max(1, min(ncols, len(images)))
     nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.2 * nrows), squeeze=False)
+    lines = max(t.count("\n") + 1 for t in titles)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(2.4 * ncols, (2.4 + 0.2 * lines) * nrows), squeeze=False,
+        gridspec_kw={"wspace": 0.08, "hspace": 0.1 * lines + 0.05},
+    )
     for ax in axes.flat:
         ax.axis("off")
-    for k, (ax, image, title) in enumerate(zip(axes.flat, images, titles)):
+    for k, (ax, image) in enumerate(zip(axes.flat, images)):
         ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
         if heatmaps is not None:
             ax.imshow(heatmaps[k], cmap="jet", alpha=alpha, vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
+    fig.canvas.draw()
+    for ax, title in zip(axes.flat, titles):
+        fit_title(ax, title)
     return _save(fig, path)

@@ -28,7 +28,24 @@ LEAKY_WARNING = (
 def tile_losses(probs: np.ndarray, y_true: np.ndarray) -> np.ndarray:
     """Cross-entropy of each tile's true class, ``-log p[true]``."""
     picked = np.asarray(probs)[np.arange(len(y_true)), np.asarray(y_true, dtype=np.int64)]
-    return -np.log(np.clip(picked, 1e-12, 1.0))
+    return np.abs(np.log(np.clip(picked, 1e-12, 1.0)))  # abs: no -0.0 for p = 1
+
+
+def worst_per_group(losses: np.ndarray, groups: list[str], n: int) -> np.ndarray:
+    """Indices of the worst tile of each of the ``n`` worst source-tile groups, worst first.
+
+    LC25000 tiles are ~20 rotated/flipped copies of a source tile, so the ``n`` worst tiles are
+    often copies of one source tile; one tile per group shows ``n`` different mistakes.
+    """
+    picked: list[int] = []
+    seen: set[str] = set()
+    for i in np.argsort(-np.asarray(losses), kind="stable"):
+        if len(picked) == n:
+            break
+        if groups[i] not in seen:
+            seen.add(groups[i])
+            picked.append(int(i))
+    return np.array(picked, dtype=np.int64)
 
 
 def summarize(
