@@ -11,6 +11,11 @@ Command line::
 
     python -m lungtf.client predict --target HOST:PORT FILES_OR_FOLDERS [--out preds.csv]
     python -m lungtf.client status --target HOST:PORT
+        [--tls-ca ca.pem] [--tls-cert client.pem --tls-key client.key]
+
+With ``--tls-ca`` (the CA that signed the server's certificate; gRPC's default roots with
+``--tls``) the channel speaks TLS; ``--tls-cert``/``--tls-key`` add a client certificate for a
+server that verifies clients (TF Serving's ``client_verify``). Plaintext otherwise.
 """
 
 from __future__ import annotations
@@ -127,6 +132,42 @@ def parse_predictions(response: Any, count: int) -> list[Prediction]:
     ]
 
 
+def channel_credentials(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: ``ca`` the server must be signed by (gRPC's
+    default roots when ``None``), and a client certificate ``cert`` with its ``key`` (mutual TLS).
+
+    Raises:
+        ValueError: when only one of ``cert`` and ``key`` is given.
+        OSError: when a file cannot be read.
+    """
+    if (cert is None) != (key is None):
+        raise ValueError(
+            f"a client certificate needs both cert and key; got cert={cert} and key={key}"
+        )
+    ca_pem, key_pem, cert_pem = (None if p is None else Path(p).read_bytes() for p in (ca, key, cert))
+    return grpc.ssl_channel_credentials(ca_pem, key_pem, cert_pem)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tls``, ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` (client CLI and demo)."""
+    parser.add_argument(
+        "--tls", action="store_true",
+        help="TLS with gRPC's default root certificates (implied by --tls-ca/--tls-cert)",
+    )
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate the server must be signed by")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+
+
+def credentials_from_args(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """The channel credentials ``add_tls_arguments`` asked for; ``None`` means plaintext."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+
+
 class LungClient:
     """Predictions, metadata and status from a served lungtf model.
 
@@ -139,6 +180,7 @@ class LungClient:
         version: a fixed model version; the server's newest when ``None``.
         retries: extra attempts after UNAVAILABLE.
         backoff: seconds before the first retry, doubled each time.
+        credentials: TLS channel credentials (``channel_credentials``); plaintext when ``None``.
     """
 
     def __init__(
@@ -151,6 +193,7 @@ class LungClient:
         version: int | None = None,
         retries: int = 3,
         backoff: float = 0.2,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if max_batch_bytes < 1 or max_batch_images < 1:
             raise ValueError(
@@ -161,13 +204,14 @@ class LungClient:
         self.max_batch_bytes, self.max_batch_images = max_batch_bytes, max_batch_images
         self.model_name, self.version = model_name, version
         self.retries, self.backoff = retries, backoff
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
 
@@ -298,12 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--target", default="127.0.0.1:8500", help="gRPC HOST:PORT")
         cmd.add_argument("--model-name", default="lungtf")
         cmd.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+        add_tls_arguments(cmd)
     pred = sub.choices["predict"]
     pred.add_argument("inputs", nargs="+", help="image files or folders")
     pred.add_argument("--out", help="write a CSV here instead of stdout")
     pred.add_argument("--batch-size", type=int, default=32, help="images per request")
     args = parser.parse_args(argv)
-    client = LungClient(args.target, timeout=args.timeout, model_name=args.model_name)
+    try:
+        credentials = credentials_from_args(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    client = LungClient(
+        args.target, timeout=args.timeout, model_name=args.model_name, credentials=credentials
+    )
     try:
         if args.command == "status":
             print(json.dumps(client.status(), indent=2))

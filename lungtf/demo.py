@@ -1,7 +1,7 @@
 """Web demo: drop in lung tiles and see what the served model answers.
 
 ``python -m lungtf.demo --target HOST:PORT [--port 7860] [--host 127.0.0.1] [--examples DIR ...]
-[--run RUN_DIR [--data-root DIR]]``
+[--run RUN_DIR [--data-root DIR]] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]``
 
 The page is a Gradio app and a *client* of the served model: every answer comes from the gRPC
 server (``python -m lungtf.serving`` in development, TensorFlow Serving in production) through
@@ -47,7 +47,14 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import tim
 import gradio as gr
 import grpc
 
-from lungtf.client import IMAGE_SUFFIXES, LungClient, LungClientError, Prediction
+from lungtf.client import (
+    IMAGE_SUFFIXES,
+    LungClient,
+    LungClientError,
+    Prediction,
+    add_tls_arguments,
+    credentials_from_args,
+)
 from lungtf.constants import CLASS_DESCRIPTIONS, CLASS_NAMES, PROTOCOL_GROUPED
 from lungtf.demo_files import find_examples, thumbnail_uri
 
@@ -198,9 +205,11 @@ def footer_text(
 class DemoBackend:
     """Turns files into page content by asking the served model (one ``LungClient``)."""
 
-    def __init__(self, target: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, target: str, timeout: float = 10.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.target = target
-        self.client = LungClient(target, timeout=timeout, retries=1)
+        self.client = LungClient(target, timeout=timeout, retries=1, credentials=credentials)
 
     def model_info(self) -> tuple[dict[str, Any] | None, int | None, str]:
         """``(metadata, served version, error message)``; metadata is ``None`` on an error."""
@@ -345,6 +354,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--per-source", type=int, default=6, help="examples taken from each folder and from the run"
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per gRPC call")
+    add_tls_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -372,14 +382,15 @@ def launch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo until interrupted; returns the exit code (2 on bad example sources)."""
+    """Run the demo until interrupted; returns the exit code (2 on bad example sources or TLS files)."""
     args = parse_args(argv)
     try:
         examples = find_examples(args.examples, args.run, args.per_source, args.data_root)
-    except FileNotFoundError as err:
+        credentials = credentials_from_args(args)
+    except (ValueError, OSError) as err:  # missing examples, bad TLS files
         print(f"error: {err}", file=sys.stderr)
         return 2
-    backend = DemoBackend(args.target, timeout=args.timeout)
+    backend = DemoBackend(args.target, timeout=args.timeout, credentials=credentials)
     print(f"demo on http://{args.host}:{args.port} asking the model at {args.target}", flush=True)
     launch(build_app(backend, examples), args.host, args.port, examples)
     return 0

@@ -68,8 +68,11 @@ def launch(args: list[str], log_path: Path) -> subprocess.Popen:
         )
 
 
-def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 240.0) -> str:
-    """Read the ``listening on HOST:PORT`` line, then wait until version 1 is AVAILABLE."""
+def wait_ready(
+    proc: subprocess.Popen, log_path: Path, timeout: float = 240.0, credentials: object = None
+) -> str:
+    """Read the ``listening on HOST:PORT`` line, then wait until version 1 is AVAILABLE (over
+    TLS with ``credentials``)."""
     deadline = time.monotonic() + timeout
     target = ""
     while not target and time.monotonic() < deadline and proc.poll() is None:
@@ -78,7 +81,10 @@ def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 240.0) -
         target = line.split()[-1] if line.startswith("listening on ") else ""
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = "lungtf"
-    with grpc.insecure_channel(target or "127.0.0.1:1") as channel:
+    address = target or "127.0.0.1:1"
+    secure = credentials is not None
+    channel = grpc.secure_channel(address, credentials) if secure else grpc.insecure_channel(address)
+    with channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         while target and time.monotonic() < deadline:
             try:

@@ -11,6 +11,7 @@ Modules:
     limits: request size limits, checked before any request tensor is allocated.
     calls: stop the work of a call whose client has gone (deadline, cancellation).
     server: the gRPC server (``serve``) and warmup replay.
+    tls: TLS from TF Serving's SSL config file (``serve --ssl-config``).
 
-Command line: ``python -m lungtf.serving validate CONFIG`` and ``python -m lungtf.serving serve``.
+Command line: ``python -m lungtf.serving validate CONFIG``, ``serve`` and ``ssl-config``.
 """

@@ -1,4 +1,4 @@
-"""``python -m lungtf.serving validate CONFIG`` | ``python -m lungtf.serving serve ...``."""
+"""``python -m lungtf.serving validate CONFIG`` | ``serve ...`` | ``ssl-config ...``."""
 
 from __future__ import annotations
 
@@ -27,20 +27,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model-name", default="lungtf", help="name for --model-base-path")
     run.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     run.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one")
+    run.add_argument(
+        "--ssl-config", metavar="FILE",
+        help="serve TLS only, from TF Serving's SSLConfig text file (its --ssl_config_file; "
+        "serving/ssl_config.example); plaintext without it",
+    )
     run.add_argument("--poll-seconds", type=float, default=1.0, help="base path poll interval")
     run.add_argument("--workers", type=int, default=8, help="request worker threads")
     defaults = Limits()
     run.add_argument(
         "--max-message-bytes", type=int, default=defaults.max_message_bytes,
-        help=f"gRPC message limit, both directions (default {defaults.max_message_bytes}: 64 MiB)",
+        help=f"gRPC message limit, both directions (default {defaults.max_message_bytes}: 64 MiB; "
+        "RESOURCE_EXHAUSTED above it)",
     )
     run.add_argument(
         "--max-batch-images", type=int, default=defaults.max_batch_images,
-        help=f"most images (batch items) per request (default {defaults.max_batch_images})",
+        help=f"most images (batch items) per request (default {defaults.max_batch_images}; "
+        "INVALID_ARGUMENT above it)",
     )
     run.add_argument(
         "--max-image-bytes", type=int, default=defaults.max_image_bytes,
         help=f"most bytes of one encoded image (default {defaults.max_image_bytes}: 16 MiB)",
+    )
+    ssl = sub.add_parser(
+        "ssl-config", help="print TF Serving's SSLConfig text (--ssl_config_file) from PEM files"
+    )
+    ssl.add_argument("--key", required=True, help="server private key (PEM)")
+    ssl.add_argument("--cert", required=True, help="server certificate (PEM)")
+    ssl.add_argument("--ca", help="CA that signs client certificates (PEM; for --client-verify)")
+    ssl.add_argument(
+        "--client-verify", action="store_true", help="refuse clients without a certificate"
     )
     return parser
 
@@ -49,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run a sub-command; returns the exit code (2 on a bad config)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "ssl-config":
+        from lungtf.serving.tls import format_ssl_config
+
+        try:
+            print(format_ssl_config(args.key, args.cert, args.ca, args.client_verify), end="")
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "validate":
         try:
             entries = load_config(args.config, check_paths=not args.no_check_paths)
@@ -73,9 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    credentials = None
+    if args.ssl_config:
+        from lungtf.serving.tls import read_ssl_config, server_credentials
+
+        try:
+            credentials = server_credentials(read_ssl_config(args.ssl_config))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from lungtf.serving.server import serve
 
-    return serve(entries, args.host, args.port, args.poll_seconds, args.workers, limits=limits)
+    return serve(
+        entries, args.host, args.port, args.poll_seconds, args.workers, limits=limits,
+        credentials=credentials,
+    )
 
 
 if __name__ == "__main__":

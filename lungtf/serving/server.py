@@ -156,11 +156,13 @@ def serve(
     workers: int = 8,
     grace_seconds: float = 10.0,
     limits: Limits | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> int:
     """Load the models, serve gRPC until SIGTERM/SIGINT, then stop gracefully.
 
     ``limits`` bound what one request may ask (message size, images per request, bytes per
-    image; ``Limits()`` defaults when ``None``).
+    image; ``Limits()`` defaults when ``None``). With ``credentials``
+    (``lungtf.serving.tls.server_credentials``) the port speaks TLS only; plaintext otherwise.
 
     Prints ``listening on HOST:PORT`` (with the real port when ``port`` is 0) once requests are
     accepted, so a parent process can read where to connect.
@@ -181,7 +183,11 @@ def serve(
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         print(f"error: cannot bind {host}:{port}: {err}", file=sys.stderr)
         return 1
@@ -190,6 +196,7 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     manager.start_polling(poll_seconds)
+    log.info("gRPC on %s:%s, %s", host, bound, "TLS" if credentials else "plaintext (no TLS)")
     print(f"listening on {host}:{bound}", flush=True)
     while not stop.wait(0.5):
         pass
