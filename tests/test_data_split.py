@@ -149,7 +149,9 @@ def test_cli_split_detects_groups_and_audit_finds_no_leak(copies_folder, tmp_pat
     assert all(len(g) == 1 for g in by_source.values()) and len(by_source) == 9
     assert main(["audit", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"protocol: {PROTOCOL_GROUPED}" in printed and "cross-split near-duplicate pairs: 0" in printed
+    assert f"protocol: {PROTOCOL_GROUPED}" in printed
+    assert "cross-split near-duplicate pairs (log-polar detector): 0" in printed
+    assert "keypoint-verified copy in train (independent method): 0" in printed
 
 
 def test_cli_random_split_is_labelled_and_audit_finds_leak(copies_folder, tmp_path, capsys):

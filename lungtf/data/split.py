@@ -5,8 +5,10 @@ source in train and test, so a model is tested on what it has seen (the study's 
 ``make_split`` keeps every group (source tile) in exactly one split, per class, so test tiles are
 new tissue; ``random=True`` exists only to reproduce the leaky protocol and is labelled so in the
 manifest. ``kfold`` gives grouped K-fold assignments (each with a source-level validation
-carve) for cross-validation. ``audit`` measures what a split leaks with the same near-duplicate
-detector that makes the groups.
+carve) for cross-validation. ``audit`` measures what a split leaks twice: with the log-polar
+near-duplicate detector that makes the groups, and with an independent keypoint lookup of every
+validation and test tile among the training tiles (``keypoints.cross_matches``), which catches
+copies the grouping missed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from lungtf.constants import (
     SPLIT_NAMES,
     SPLIT_PROTOCOLS,
 )
-from lungtf.data import grouping, ingest
+from lungtf.data import grouping, ingest, keypoints
 from lungtf.data.ingest import Record
 
 MANIFEST_COLUMNS = ("path", "label", "group", "split", "protocol")
@@ -210,20 +212,26 @@ def read_manifest(
 
 @dataclass(frozen=True)
 class AuditReport:
-    """What a split leaks.
+    """What a split leaks, found by two independent methods.
 
     Attributes:
-        pairs: cross-split near-duplicate pairs ``(path_a, split_a, path_b, split_b, ncc)``.
+        pairs: cross-split near-duplicate pairs of the grouping's detector
+            ``(path_a, split_a, path_b, split_b, ncc)``.
+        copies: validation and test images with a keypoint-verified copy in train
+            ``(path, split, train_path, inliers)`` (``keypoints.cross_matches``).
         n_test: test images.
-        leaked: test images whose near-duplicate group (verified pairs, joined transitively)
-            has a member in train.
+        leaked: test images with a near-duplicate in train by either method (for the detector:
+            its verified pairs joined transitively).
         group_leaked: test images whose manifest ``group`` also has a member in train.
+        clean_test: test image paths with no near-duplicate in train by either method.
     """
 
     pairs: list[tuple[str, str, str, str, float]]
+    copies: list[tuple[str, str, str, int]]
     n_test: int
     leaked: int
     group_leaked: int
+    clean_test: list[str]
 
     @property
     def leak_rate(self) -> float:
@@ -236,28 +244,84 @@ class AuditReport:
         return self.group_leaked / self.n_test if self.n_test else 0.0
 
 
-def audit(records: list[Record], **options) -> AuditReport:
-    """Find near-duplicates across splits with ``grouping.near_duplicates`` and measure the leak.
+def audit(records: list[Record], workers: int | None = None, **options) -> AuditReport:
+    """Find near-duplicates across splits and measure the leak, with two independent methods.
+
+    1. ``grouping.near_duplicates`` (log-polar correlation, the grouping's own first stage) over
+       all records; a test image leaks when its component of verified pairs reaches train.
+    2. ``keypoints.cross_matches``: every validation and test image is looked up among the
+       training images of its label by SIFT keypoints alone (no groups, no correlation) and a
+       match with ``keypoints.COPY_INLIERS`` RANSAC inliers is a copy.
 
     Args:
         records: split records (``split`` set).
+        workers: threads for decoding and matching (default: all CPUs).
         **options: tuning passed to ``grouping.near_duplicates``.
     """
     paths, labels = [r.path for r in records], [r.label for r in records]
-    pairs, scores = grouping.near_duplicates(paths, labels, **options)
-    split = [r.split for r in records]
+    pairs, scores = grouping.near_duplicates(paths, labels, workers=workers, **options)
+    split = np.array([r.split for r in records])
     cross = [(paths[a], split[a], paths[b], split[b], float(s))
              for (a, b), s in zip(pairs, scores) if split[a] != split[b]]
     component = grouping.components(pairs, len(records))
-    train_components = {c for c, s in zip(component, split) if s == "train"}
+    train_components = set(component[split == "train"].tolist())
+    sift = keypoints.SiftCache(paths, workers or os.cpu_count() or 1)
+    copies = []
+    for label in sorted(set(labels)):
+        mine = np.array(labels) == label
+        queries = np.flatnonzero(mine & np.isin(split, ["val", "test"]))
+        database = np.flatnonzero(mine & (split == "train"))
+        copies += [(paths[q], str(split[q]), paths[d], n)
+                   for q, d, n in keypoints.cross_matches(sift, queries, database)]
+    copied = {path for path, *_ in copies}
     train_groups = {r.group for r in records if r.split == "train" and r.group}
-    test = [i for i, s in enumerate(split) if s == "test"]
+    test = np.flatnonzero(split == "test")
+    flagged = {i for i in test if component[i] in train_components or paths[i] in copied}
     return AuditReport(
         pairs=cross,
+        copies=copies,
         n_test=len(test),
-        leaked=sum(component[i] in train_components for i in test),
+        leaked=len(flagged),
         group_leaked=sum(records[i].group in train_groups for i in test if records[i].group),
+        clean_test=[paths[i] for i in test if i not in flagged],
     )
+
+
+def write_audit(report: AuditReport, path: str | Path) -> None:
+    """Write the keypoint copies as CSV ``path,split,train_path,inliers`` (one row a copy)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "split", "train_path", "inliers"])
+        writer.writerows(report.copies)
+
+
+def draw_copies(report: AuditReport, png: str | Path, limit: int = 24) -> None:
+    """PNG of up to ``limit`` keypoint copies: each validation/test tile beside its train copy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    shown = report.copies[:limit]
+    rows = max(1, len(shown))
+    fig, axes = plt.subplots(rows, 2, figsize=(4.4, 2.3 * rows), squeeze=False)
+    for (path, split, train_path, inliers), (left, right) in zip(shown, axes):
+        for ax, file, title in ((left, path, f"{split}: {Path(path).name}"),
+                                (right, train_path, f"train: {Path(train_path).name}")):
+            with Image.open(file) as im:
+                im.thumbnail((160, 160))
+                ax.imshow(im.convert("RGB"))
+            ax.set_title(title, fontsize=7)
+        right.text(0.02, 0.04, f"{inliers} inliers", transform=right.transAxes, fontsize=7,
+                   color="white", backgroundcolor="black")
+    for ax in axes.ravel():
+        ax.axis("off")
+    if not shown:
+        axes[0, 0].text(0.5, 0.5, "no copies found", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def _read_groups(path: str, root: Path) -> dict[str, str]:
@@ -317,14 +381,25 @@ def _audit_command(args: argparse.Namespace) -> int:
     records, protocol = read_manifest(args.manifest)
     report = audit(records)
     print(f"protocol: {protocol}")
-    print(f"cross-split near-duplicate pairs: {len(report.pairs)}")
+    print(f"cross-split near-duplicate pairs (log-polar detector): {len(report.pairs)}")
     for a, split_a, b, split_b, score in report.pairs[: args.show]:
         print(f"  {split_a}:{a}  {split_b}:{b}  ncc={score:.2f}")
-    print(f"leak rate (test images with a near-duplicate in train): {report.leak_rate:.2%} "
-          f"({report.leaked}/{report.n_test})")
+    print(f"val/test tiles with a keypoint-verified copy in train (independent method): "
+          f"{len(report.copies)}")
+    for path, split, train_path, inliers in report.copies[: args.show]:
+        print(f"  {split}:{path}  train:{train_path}  inliers={inliers}")
+    print(f"leak rate (test images with a near-duplicate in train, either method): "
+          f"{report.leak_rate:.2%} ({report.leaked}/{report.n_test}); clean test images: "
+          f"{len(report.clean_test)}")
     if any(r.group for r in records):
         print(f"group leak rate (test images whose group is in train): "
               f"{report.group_leak_rate:.2%} ({report.group_leaked}/{report.n_test})")
+    if args.copies:
+        write_audit(report, args.copies)
+        print(f"wrote {args.copies}")
+    if args.png:
+        draw_copies(report, args.png)
+        print(f"wrote {args.png}")
     return 0
 
 
@@ -344,4 +419,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("audit", help="near-duplicates across splits and the leak rate")
     p.add_argument("manifest", help="split manifest CSV")
     p.add_argument("--show", type=int, default=20, help="cross-split pairs to print")
+    p.add_argument("--copies", help="write the keypoint copies here (CSV path,split,train_path,inliers)")
+    p.add_argument("--png", help="write thumbnails of the copies (each beside its train twin) here")
     p.set_defaults(func=_audit_command)
