@@ -5,7 +5,9 @@ and returns one ``Prediction`` per image. Outputs are read with ``tf.make_ndarra
 both the typed fields TF Serving sends (``float_val``...) and the ``tensor_content`` bytes other
 servers send. Every call has a deadline; only UNAVAILABLE (server starting, connection dropped) is
 retried, a bounded number of times with exponential backoff, because retrying any other status
-would repeat a request the server already judged. Large batches are split under a byte budget.
+would repeat a request the server already judged. Large batches are split under a byte budget and
+under the exported model's own limits (``lungtf.constants``): at most ``MAX_BATCH_IMAGES`` images
+and ``MAX_BATCH_PIXELS`` declared pixels a request, the pixels read from each image's header.
 
 Command line::
 
@@ -33,6 +35,7 @@ from typing import Any
 
 import grpc
 import tensorflow as tf
+from PIL import Image
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -40,7 +43,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from lungtf.constants import CLASS_NAMES
+from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES, MAX_BATCH_PIXELS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -94,17 +97,41 @@ def encode_image(image: Any) -> bytes:
     )
 
 
-def split_batches(items: list[bytes], max_bytes: int, max_items: int) -> Iterator[list[bytes]]:
+def declared_pixels(image: bytes) -> int:
+    """Width x height from a JPEG or PNG header (PIL reads the header only, nothing is decoded),
+    as the exported model counts it against ``MAX_BATCH_PIXELS``; 0 for anything else, which
+    the server refuses on its own. A header PIL refuses as a decompression bomb counts as more
+    than a whole batch, so that image goes alone (and the server refuses it)."""
+    try:
+        with Image.open(io.BytesIO(image), formats=("JPEG", "PNG")) as img:
+            width, height = img.size
+    except Image.DecompressionBombError:  # PIL's own limit, far above MAX_IMAGE_PIXELS
+        return MAX_BATCH_PIXELS + 1
+    except (OSError, ValueError, SyntaxError):
+        return 0
+    return width * height
+
+
+def split_batches(
+    items: list[bytes], max_bytes: int, max_items: int, max_pixels: int | None = None
+) -> Iterator[list[bytes]]:
     """Consecutive batches of at most ``max_items`` whose sizes sum to at most ``max_bytes``
-    (an item larger than the budget goes alone)."""
+    and, with ``max_pixels``, whose ``declared_pixels`` sum to at most ``max_pixels`` (an item
+    above a budget goes alone)."""
     batch: list[bytes] = []
-    size = 0
+    size = pixels = 0
     for item in items:
-        if batch and (size + len(item) > max_bytes or len(batch) == max_items):
+        area = declared_pixels(item) if max_pixels is not None else 0
+        if batch and (
+            size + len(item) > max_bytes
+            or len(batch) == max_items
+            or (max_pixels is not None and pixels + area > max_pixels)
+        ):
             yield batch
-            batch, size = [], 0
+            batch, size, pixels = [], 0, 0
         batch.append(item)
         size += len(item)
+        pixels += area
     if batch:
         yield batch
 
@@ -175,7 +202,8 @@ class LungClient:
         target: ``HOST:PORT`` of the gRPC endpoint.
         timeout: deadline of each call in seconds.
         max_batch_bytes: encoded bytes per Predict request; larger inputs are split.
-        max_batch_images: images per Predict request.
+        max_batch_images: images per Predict request, at most ``MAX_BATCH_IMAGES`` (what the
+            exported signatures take). Requests are also split at ``MAX_BATCH_PIXELS``.
         model_name: ``model_spec.name``.
         version: a fixed model version; the server's newest when ``None``.
         retries: extra attempts after UNAVAILABLE.
@@ -188,17 +216,17 @@ class LungClient:
         target: str,
         timeout: float = 30.0,
         max_batch_bytes: int = 32 * 2**20,
-        max_batch_images: int = 64,
+        max_batch_images: int = MAX_BATCH_IMAGES,
         model_name: str = "lungtf",
         version: int | None = None,
         retries: int = 3,
         backoff: float = 0.2,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if max_batch_bytes < 1 or max_batch_images < 1:
+        if max_batch_bytes < 1 or not 1 <= max_batch_images <= MAX_BATCH_IMAGES:
             raise ValueError(
-                f"max_batch_bytes and max_batch_images must be >= 1; "
-                f"got {max_batch_bytes} and {max_batch_images}"
+                f"max_batch_bytes must be >= 1 and max_batch_images in 1..{MAX_BATCH_IMAGES} "
+                f"(MAX_BATCH_IMAGES); got {max_batch_bytes} and {max_batch_images}"
             )
         self.target, self.timeout = target, timeout
         self.max_batch_bytes, self.max_batch_images = max_batch_bytes, max_batch_images
@@ -258,7 +286,9 @@ class LungClient:
         """
         encoded = [encode_image(img) for img in images]
         out: list[Prediction] = []
-        for batch in split_batches(encoded, self.max_batch_bytes, self.max_batch_images):
+        for batch in split_batches(
+            encoded, self.max_batch_bytes, self.max_batch_images, MAX_BATCH_PIXELS
+        ):
             out.extend(self.predict_bytes(batch))
             if progress is not None:
                 progress(len(out))
@@ -346,8 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     pred = sub.choices["predict"]
     pred.add_argument("inputs", nargs="+", help="image files or folders")
     pred.add_argument("--out", help="write a CSV here instead of stdout")
-    pred.add_argument("--batch-size", type=int, default=32, help="images per request")
+    pred.add_argument("--batch-size", type=int, default=MAX_BATCH_IMAGES,
+                      help=f"images per request, 1..{MAX_BATCH_IMAGES} (default; the model's "
+                      "limit); requests are also split by bytes and declared pixels")
     args = parser.parse_args(argv)
+    if args.command == "predict" and not 1 <= args.batch_size <= MAX_BATCH_IMAGES:
+        parser.error(f"--batch-size must be in 1..{MAX_BATCH_IMAGES} (the most images the "
+                     f"exported model takes in one request); got {args.batch_size}")
     try:
         credentials = credentials_from_args(args)
     except (ValueError, OSError) as err:

@@ -21,7 +21,7 @@ from test_serving import launch, wait_ready
 
 from lungtf import export
 from lungtf.client import LungClient, LungClientError, main, parse_predictions, split_batches
-from lungtf.constants import CLASS_NAMES
+from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES, MAX_BATCH_PIXELS
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,31 @@ def test_command_line_predict_and_status(
     assert '"state": "AVAILABLE"' in capsys.readouterr().out
     assert main(["predict", "--target", served["target"], str(tmp_path / "nope")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_large_images_are_split_by_declared_pixels_and_limits_come_from_the_constants(
+    served: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """32 images of 1500^2 (72 M pixels, above MAX_BATCH_PIXELS, under every byte and count
+    limit) are predicted in several requests instead of one the model refuses; --batch-size
+    above MAX_BATCH_IMAGES is refused before any call."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1500, 1500), (200, 90, 160)).save(buf, format="JPEG", quality=80)
+    images = [buf.getvalue()] * 32
+    assert 32 * 1500**2 > MAX_BATCH_PIXELS and sum(map(len, images)) < 2 * 2**20
+    calls: list[int] = []
+    client = LungClient(served["target"], timeout=120)
+    assert client.max_batch_images == MAX_BATCH_IMAGES
+    preds = client.predict(images, progress=calls.append)
+    per_call = MAX_BATCH_PIXELS // 1500**2
+    assert calls == list(range(per_call, 32, per_call)) + [32]
+    assert len(preds) == 32 and len({p.label for p in preds}) == 1
+    client.close()
+    with pytest.raises(ValueError, match=f"max_batch_images in 1..{MAX_BATCH_IMAGES}"):
+        LungClient(served["target"], max_batch_images=MAX_BATCH_IMAGES + 1)
+    path = tmp_path / "big.jpeg"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--target", served["target"], str(path), "--batch-size", "65"])
+    assert stop.value.code == 2
+    assert f"--batch-size must be in 1..{MAX_BATCH_IMAGES}" in capsys.readouterr().err
