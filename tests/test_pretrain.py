@@ -1,0 +1,134 @@
+"""lungtf.pretrain: the SimSiam loss and its stop-gradient, the two views, and a tiny end-to-end
+pretraining whose weights file loads through the registry as ``--weights PATH`` does."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lungtf.config import ModelConfig
+from lungtf.data.ingest import load_records
+from lungtf.data.split import make_split, write_manifest
+from lungtf.models import build_model
+from lungtf.pretrain import main
+from lungtf.pretrain.cli import pretrain, select_records
+from lungtf.pretrain.simsiam import embedding_std, negative_cosine, simsiam_loss
+from lungtf.pretrain.views import RandomResizedCrop, make_views
+
+
+def test_loss_on_known_vectors():
+    def d(p, z):
+        return float(negative_cosine(tf.constant([p], tf.float32), tf.constant([z], tf.float32)))
+
+    assert d([2.0, 0.0], [5.0, 0.0]) == pytest.approx(-1.0)  # same direction, any length
+    assert d([1.0, 1.0], [-3.0, -3.0]) == pytest.approx(1.0)
+    assert d([1.0, 0.0], [0.0, 4.0]) == pytest.approx(0.0, abs=1e-7)
+    p1, p2 = tf.constant([[1.0, 0.0]]), tf.constant([[0.0, 1.0]])
+    z1, z2 = tf.constant([[0.0, -1.0]]), tf.constant([[1.0, 1.0]])
+    # D(p1, z2) / 2 + D(p2, z1) / 2 = (-cos 45 deg + 1) / 2: a swapped pairing would give 0.
+    expected = (-1 / math.sqrt(2) + 1.0) / 2
+    assert float(simsiam_loss(p1, p2, z1, z2)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_no_gradient_flows_into_the_target():
+    p, z = tf.constant([[1.0, 0.0]]), tf.constant([[0.0, 1.0]])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([p, z])
+        loss = simsiam_loss(p, p, z, z)
+    grad_z = tape.gradient(loss, z)
+    assert grad_z is None or not np.any(grad_z.numpy())  # stop-gradient: z is a constant
+    # d(-cos(p, z))/dp at p = e1, z = e2 is -e2 (the part of z orthogonal to p).
+    np.testing.assert_allclose(tape.gradient(loss, p).numpy(), [[0.0, -1.0]], atol=1e-6)
+
+
+def test_embedding_std_detects_collapse():
+    collapsed = np.tile([[0.3, -1.0, 2.0, 0.5]], (16, 1)).astype(np.float32)
+    assert float(embedding_std(collapsed)) == pytest.approx(0.0, abs=1e-6)
+    spread = np.random.default_rng(0).normal(size=(512, 64)).astype(np.float32)
+    assert float(embedding_std(spread)) == pytest.approx(1 / math.sqrt(64), rel=0.05)
+
+
+def test_resized_crop_maps_zoom_and_keep_the_region_inside():
+    layer = RandomResizedCrop(32, scale=(0.25, 0.25), ratio=(1.0, 1.0), seed=1)
+    maps = np.asarray(layer.transforms(64, 128, 128))
+    scale = np.sqrt(np.abs(maps[:, 0] * maps[:, 4] - maps[:, 1] * maps[:, 3]))
+    np.testing.assert_allclose(scale, 2.0, rtol=1e-5)  # a quarter of 128^2 = 64 px side -> 32 px
+    centre = maps[:, [2, 5]] + (maps[:, [0, 3]] + maps[:, [1, 4]]) * 15.5  # where the centre samples
+    assert np.all((centre >= 31.5 - 1e-3) & (centre <= 95.5 + 1e-3))
+    assert len(np.unique(np.round(np.arctan2(maps[:, 3], maps[:, 0]), 3))) > 32  # any angle
+
+
+def test_views_are_two_different_reproducible_batches(tiny_folder):
+    records = load_records(tiny_folder)
+    first = [next(iter(make_views(records, 40, 32, 8, seed=3, jit_compile=False)))
+             for _ in range(2)]
+    (a, b), (a2, b2) = first
+    assert a.dtype == tf.uint8 and a.shape == b.shape == (8, 32, 32, 3)
+    assert np.mean(np.abs(a.numpy().astype(int) - b.numpy())) > 5  # independent views
+    np.testing.assert_array_equal(a.numpy(), a2.numpy())  # seeded: the same stream again
+    np.testing.assert_array_equal(b.numpy(), b2.numpy())
+    with pytest.raises(ValueError, match="at least batch_size"):
+        make_views(records[:4], 40, 32, 8)
+
+
+def grouped_manifest(folder: Path, path: Path) -> list:
+    """A grouped split manifest of ``folder``'s tiles, pairs of tiles forming a source group."""
+    records = [replace(r, group=f"{r.label}-{i // 2}") for i, r in enumerate(load_records(folder))]
+    split = make_split(records, seed=0)
+    write_manifest(split, path, "grouped")
+    return split
+
+
+def test_cli_refuses_missing_data_and_empty_split(tmp_path, tiny_folder):
+    assert main(["--out", str(tmp_path / "out")]) == 2
+    grouped_manifest(tiny_folder, tmp_path / "splits.csv")
+    assert main(["--splits", str(tmp_path / "splits.csv"), "--split", "nope",
+                 "--out", str(tmp_path / "out")]) == 2
+
+
+def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder, caplog):
+    """Train-split tiles only; loss finite and moving; the file loads as --weights PATH does."""
+    manifest = tmp_path / "splits.csv"
+    split = grouped_manifest(tiny_folder, manifest)
+    records, note = select_records(None, str(manifest), "train")
+    train = {r.path for r in split if r.split == "train"}
+    assert {r.path for r in records} == train and len(train) < len(split)
+    out = tmp_path / "pretrained"
+    settings = {"image_size": 40, "crop_size": 32, "epochs": 2, "batch_size": 8, "lr": 0.05,
+                "weight_decay": 1e-4, "dim": 64, "hidden": 16, "seed": 42}
+    model = pretrain("regnet:200mf", records, out, settings, note, verbose=0)
+
+    logged = json.loads((out / "regnet-200mf.json").read_text())
+    assert logged["data"]["split"] == "train" and logged["data"]["tiles"] == len(train)
+    assert "were not read" in logged["data"]["note"]
+    losses = [h["loss"] for h in logged["history"]]
+    assert len(losses) == 2 and all(-1.0 <= v <= 1.0 for v in losses)
+    assert losses[0] != losses[1]
+    assert all(h["z_std"] > 0 for h in logged["history"])
+
+    path = out / "regnet-200mf.weights.h5"
+    loaded = build_model(ModelConfig(backbone="regnet", variant="200mf", weights=str(path),
+                                     image_size=40)).get_layer("backbone")
+    assert len(loaded.weights) == len(model.backbone.weights)
+    for saved, read in zip(model.backbone.weights, loaded.weights):
+        assert saved.path == read.path
+        np.testing.assert_array_equal(saved.numpy(), read.numpy())
+    moving = [w.numpy() for w in loaded.weights if w.path.endswith("moving_mean")]
+    assert any(np.any(m) for m in moving)  # trained statistics, not a fresh initialisation
+    assert not list(out.rglob(".tmp-*"))
+
+    flags = ["--splits", str(manifest), "--image-size", "40", "--crop-size", "32",
+             "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--dim", "64",
+             "--hidden", "16", "--out", str(out), "--verbose", "0"]
+    stamp = path.stat().st_mtime_ns
+    assert main(flags) == 0  # finished with the same settings: skipped
+    assert "already pretrained" in caplog.text and path.stat().st_mtime_ns == stamp
+    assert main([*flags[:-4], "--seed", "1", *flags[-4:]]) == 2  # other settings refused
+    assert "other settings" in caplog.text
+
