@@ -153,10 +153,12 @@ def rss_bytes(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
-def start_server(base_path: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    """The dev server on a free loopback port, default limits; returns it and ``HOST:PORT``."""
+def start_server(source: Path, workers: int) -> tuple[subprocess.Popen, str]:
+    """The dev server on a free loopback port, default limits, serving ``source`` (a model base
+    path, or a ModelServerConfig file); returns it and ``HOST:PORT``."""
+    flag = "--config" if source.is_file() else "--model-base-path"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lungtf.serving", "serve", "--model-base-path", str(base_path),
+        [sys.executable, "-m", "lungtf.serving", "serve", flag, str(source),
          "--port", "0", "--workers", str(workers)],
         stdout=subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
