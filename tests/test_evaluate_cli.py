@@ -217,3 +217,45 @@ def test_errors_say_what_was_received(tiny_run, tmp_path, capsys):
     assert "calibrate the run directory" in capsys.readouterr().err
     assert main([str(tiny_run / "best" / "model.keras")]) == 2
     assert "--splits is required" in capsys.readouterr().err
+
+
+def test_leak_audit_scores_the_tiles_without_a_copy_in_train_apart(tiny_run, run_eval, tmp_path):
+    # The default evaluation audited the grouped split: nothing of its test tiles is in train.
+    m = json.loads((run_eval / "metrics.json").read_text())
+    assert m["leak_audit"]["n_flagged"] == 0 and m["leak_audit"]["n_clean"] == m["n"]
+    assert m["leak_audit"]["accuracy_clean"] == pytest.approx(m["accuracy"])
+    assert "## Leak audit" in (run_eval / "report.md").read_text()
+    # Put rotated and mirrored copies of two test tiles into train: the audit must flag exactly
+    # those two and score the others apart.
+    from PIL import Image
+
+    rows = read_csv(tiny_run / "splits.csv")
+    test = [r for r in rows if r["split"] == "test"]
+    copied = [test[0]["path"], test[-1]["path"]]
+    extra = []
+    for i, path in enumerate(copied):
+        with Image.open(path) as im:
+            copy = im.transpose(Image.ROTATE_90).transpose(Image.FLIP_LEFT_RIGHT)
+        target = tmp_path / "copies" / Path(path).parent.name / f"copy{i}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy.save(target)
+        extra.append({**test[0 if i == 0 else -1], "path": str(target), "split": "train",
+                      "group": f"copy-{i}"})
+    manifest = tmp_path / "leaky.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + extra)
+    out = tmp_path / "out"
+    argv = [str(tiny_run), "--splits", str(manifest), "--out", str(out), "--top-losses", "0",
+            "--bootstrap", "50"]
+    assert main(argv) == 0
+    audit = json.loads((out / "metrics.json").read_text())["leak_audit"]
+    assert audit["n_flagged"] == 2 and audit["n_clean"] == len(test) - 2
+    predictions = read_csv(out / "predictions.csv")
+    clean = [r for r in predictions if r["path"] not in copied]
+    assert audit["accuracy_clean"] == pytest.approx(
+        sum(r["label"] == r["predicted"] for r in clean) / len(clean))
+    flagged = {r["path"] for r in read_csv(out / "leak_audit.csv")}
+    assert flagged <= set(copied)
+    assert (out / "leak_audit.png").is_file()

@@ -224,6 +224,7 @@ class AuditReport:
             its verified pairs joined transitively).
         group_leaked: test images whose manifest ``group`` also has a member in train.
         clean_test: test image paths with no near-duplicate in train by either method.
+        flagged: validation and test image paths with a near-duplicate in train by either method.
     """
 
     pairs: list[tuple[str, str, str, str, float]]
@@ -232,6 +233,7 @@ class AuditReport:
     leaked: int
     group_leaked: int
     clean_test: list[str]
+    flagged: frozenset[str] = frozenset()
 
     @property
     def leak_rate(self) -> float:
@@ -276,14 +278,16 @@ def audit(records: list[Record], workers: int | None = None, **options) -> Audit
     copied = {path for path, *_ in copies}
     train_groups = {r.group for r in records if r.split == "train" and r.group}
     test = np.flatnonzero(split == "test")
-    flagged = {i for i in test if component[i] in train_components or paths[i] in copied}
+    flagged = {i for i in np.flatnonzero(np.isin(split, ["val", "test"]))
+               if component[i] in train_components or paths[i] in copied}
     return AuditReport(
         pairs=cross,
         copies=copies,
         n_test=len(test),
-        leaked=len(flagged),
+        leaked=sum(i in flagged for i in test),
         group_leaked=sum(records[i].group in train_groups for i in test if records[i].group),
         clean_test=[paths[i] for i in test if i not in flagged],
+        flagged=frozenset(paths[i] for i in flagged),
     )
 
 

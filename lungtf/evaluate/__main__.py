@@ -7,6 +7,10 @@ of the ``--top-losses`` worst source tiles) and Grad-CAM overlays of those tiles
 (``gradcam_<backbone>.png``: for a run, one per backbone it trained).
 ``--calibrate`` fits a temperature on the validation split and stores it in ``lungtf.json``;
 ``--compare OTHER`` adds McNemar's test against another model on the same tiles.
+The leak audit (``lungtf.data.split.audit``: the grouping's detector and an independent keypoint
+lookup of every val/test tile among the train tiles) writes ``leak_audit.csv`` and
+``leak_audit.png`` and reports accuracy on the whole split and on its tiles with no near-duplicate
+in train (``--no-audit`` skips it).
 """
 
 from __future__ import annotations
@@ -52,18 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the val split and store it in lungtf.json")
     p.add_argument("--compare", metavar="OTHER_MODEL", help="McNemar's test against this model")
+    p.add_argument("--no-audit", action="store_true",
+                   help="skip the leak audit (near-duplicates of the split's tiles in train)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bootstrap", type=int, default=1000, help="group bootstrap resamples")
     p.add_argument("--seed", type=int, default=42)
     return p
 
 
-def read_split(manifest: Path, split: str, data: str | None) -> tuple[list, str]:
-    """Records of one split and the manifest's protocol; ``data`` re-roots files that moved."""
+def read_split(manifest: Path, split: str | None, data: str | None) -> tuple[list, str]:
+    """Records of one split (``None``: all) and the manifest's protocol; ``data`` re-roots files
+    that moved."""
     from lungtf.data.split import read_manifest
 
     records, protocol = read_manifest(manifest)
-    chosen = [r for r in records if r.split == split]
+    chosen = [r for r in records if split is None or r.split == split]
     if not chosen:
         found = sorted({str(r.split) for r in records})
         raise ValueError(f"no tiles in split {split!r} of {manifest}; it has splits {found}")
@@ -177,6 +184,36 @@ def _top_losses(model, records, groups, y_true, probs, n, out: Path, summary: di
         ] = f"gradcam_{name}.png"
 
 
+def _leak_audit(args, manifest: Path, records, y_true, probs, groups, out: Path) -> dict:
+    """Audit the manifest for near-duplicates of the evaluated tiles in train (two independent
+    methods, ``lungtf.data.split.audit``) and score the tiles with none apart."""
+    from lungtf.data.split import audit, draw_copies, write_audit
+
+    everything, _ = read_split(manifest, None, args.data)
+    everything, _bad = _readable(everything)
+    found = audit(everything)
+    write_audit(found, out / "leak_audit.csv")
+    draw_copies(found, out / "leak_audit.png")
+    clean = np.array([r.path not in found.flagged for r in records])
+    pred = probs.argmax(1)
+    result = {
+        "methods": "log-polar near-duplicate pairs (the grouping's detector) and keypoint "
+                   "lookup among the train tiles (SIFT votes + RANSAC similarity)",
+        "n": len(records), "n_flagged": int((~clean).sum()), "n_clean": int(clean.sum()),
+        "accuracy": float((pred == y_true).mean()),
+        "accuracy_clean": float((pred[clean] == y_true[clean]).mean()) if clean.any() else None,
+        "accuracy_clean_ci": None, "copies_csv": "leak_audit.csv", "copies_png": "leak_audit.png",
+    }
+    if clean.any():
+        from lungtf.evaluate import metrics
+
+        clean_groups = [g for g, keep in zip(groups, clean) if keep]
+        interval = metrics.group_bootstrap(y_true[clean], pred[clean], clean_groups,
+                                           n_resamples=args.bootstrap, seed=args.seed)["accuracy"]
+        result["accuracy_clean_ci"] = list(interval) if interval else None
+    return result
+
+
 def _compare(other_source: str, records, y_true, probs, batch_size: int) -> dict:
     other = load_model(other_source)
     y_other, raw_other = predict_records(other, records, batch_size)
@@ -237,6 +274,10 @@ def run(args: argparse.Namespace) -> dict:
                                "Reliability diagram": "reliability.png"})
     if args.top_losses > 0:
         _top_losses(model, records, groups, y_true, probs, args.top_losses, out, summary)
+    if not args.no_audit and args.split != "train":
+        summary["leak_audit"] = _leak_audit(args, manifest, records, y_true, probs, groups, out)
+        summary["figures"]["Leak audit: tiles with a near-duplicate in train, beside it"] = (
+            "leak_audit.png")
     if args.compare:
         summary["comparison"] = _compare(args.compare, records, y_true, probs, args.batch_size)
     report.write_metrics_json(out / "metrics.json", summary)

@@ -171,11 +171,27 @@ def write_report_md(path: str | Path, s: dict[str, Any]) -> Path:
               "| --- |" + " --- |" * len(CLASS_NAMES)]
     for name, row in zip(CLASS_NAMES, s["confusion_matrix"]):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    lines += _calibration_lines(s) + _comparison_lines(s) + _figure_lines(s)
+    lines += _audit_lines(s) + _calibration_lines(s) + _comparison_lines(s) + _figure_lines(s)
     if s.get("skipped_files"):
         lines += ["", f"{len(s['skipped_files'])} unreadable files were skipped: see metrics.json."]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return Path(path)
+
+
+def _audit_lines(s: dict[str, Any]) -> list[str]:
+    a = s.get("leak_audit")
+    if not a:
+        return []
+    return [
+        "", "## Leak audit", "",
+        (f"Near-duplicates of these tiles in the train split, by {a['methods']}: "
+         f"{a['n_flagged']} of {a['n']} tiles have one (pairs: `{a['copies_csv']}`, "
+         f"thumbnails: `{a['copies_png']}`)."), "",
+        "| tiles | n | accuracy | 95% interval |", "| --- | --- | --- | --- |",
+        f"| all | {a['n']} | {_pct(a['accuracy'])} | {_ci(s['bootstrap']['accuracy'])} |",
+        (f"| with no near-duplicate in train | {a['n_clean']} | {_pct(a['accuracy_clean'])} | "
+         f"{_ci(a['accuracy_clean_ci'])} |"),
+    ]
 
 
 def _calibration_lines(s: dict[str, Any]) -> list[str]:
