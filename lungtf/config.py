@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lungtf import weight_sources
-from lungtf.constants import NUM_CLASSES
+from lungtf.constants import GROUPING_STRICTNESS, NUM_CLASSES
 
 AUGMENTATIONS: tuple[str, ...] = (
     "flip_horizontal",
@@ -63,6 +63,8 @@ class DataConfig:
             ``root``; ``--data-root``); default: the class root, or the manifest's folder.
         allow_outside_root: read images outside the data root (symlinks or manifest rows
             leading out; ``--allow-outside-root``).
+        grouping_strictness: when groups are detected, how readily small groups are merged
+            (``lungtf.data.grouping.STRICTNESS``; ``safe`` merges when unsure).
     """
 
     data: str | None = None
@@ -79,6 +81,7 @@ class DataConfig:
     crop_size: int = 0
     data_root: str | None = None
     allow_outside_root: bool = False
+    grouping_strictness: str = "safe"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, what it got and what is allowed."""
@@ -92,6 +95,7 @@ class DataConfig:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         for name in self.augment:
             _check_choice("augment", name, AUGMENTATIONS)
+        _check_choice("grouping_strictness", self.grouping_strictness, GROUPING_STRICTNESS)
         if not 0 <= self.rotation_degrees <= 180:
             raise ValueError(f"rotation_degrees must be in 0..180; got {self.rotation_degrees}")
         if not 0 <= self.rotation_probability <= 1:

@@ -28,6 +28,10 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 PROTOCOL_GROUPED = "grouped"
 PROTOCOL_RANDOM = "random (leaky)"
 SPLIT_PROTOCOLS: tuple[str, ...] = (PROTOCOL_GROUPED, PROTOCOL_RANDOM)
+
+GROUPING_STRICTNESS: tuple[str, ...] = ("safe", "balanced", "strict")
+"""How readily automatic grouping merges when unsure (``lungtf.data.grouping.STRICTNESS``);
+the first, merging when unsure, is the default."""
 """How a split was made. Every manifest and report says which one; only ``grouped`` is leak-free."""
 
 

@@ -37,6 +37,7 @@ def test_class_names_and_cancer_mapping():
          r"crop_size must be 0 \(whole tiles\) or in 16..image_size \(64\); got 96"),
         (ModelConfig(weights="/no/such/file.weights.h5"), "/no/such/file"),
         (ModelConfig(dropout=1.0), "dropout"),
+        (DataConfig(grouping_strictness="loose"), "grouping_strictness must be one of safe.*loose"),
     ],
 )
 def test_validate_names_what_was_received(cfg, message):

@@ -169,3 +169,24 @@ def test_keypoints_join_an_offcentre_zoomed_copy_and_nothing_else(tmp_path):
     joined = grouping.components(np.concatenate([np.stack([np.zeros(5, int), np.arange(5)], 1),
                                                  links]), 7)
     assert joined[5] == joined[0] and joined[6] != joined[0]
+
+
+def test_strictness_trades_merging_for_purity_and_stages_are_counted(tmp_path):
+    """Unmatched small groups: ``safe`` merges them by stain colour, ``strict`` never; every
+    stage's joins are counted, and an unknown strictness is refused with the allowed names."""
+    paths = []
+    for s in range(3):  # three sources with five copies each ...
+        paths += [str(p) for p in write_copies(tmp_path / "a", seed=s)]
+    for s in range(3, 6):  # ... and lone images that match nothing
+        paths.append(str(write_copies(tmp_path / "b", seed=s, copies=1)[0]))
+    labels = ["lung_n"] * len(paths)
+    safe_stages, strict_stages = {}, {}
+    safe = grouping.detect_groups(paths, labels, stages=safe_stages)
+    strict = grouping.detect_groups(paths, labels, strictness="strict", stages=strict_stages)
+    assert len(set(strict)) > len(set(safe))
+    for stages, found in ((safe_stages, safe), (strict_stages, strict)):
+        joined = sum(v for k, v in stages.items() if k.startswith("joined"))
+        assert stages["log-polar groups"] - joined == stages["groups"] == len(set(found))
+    assert strict_stages["joined by stain colour"] == 0 < safe_stages["joined by stain colour"]
+    with pytest.raises(ValueError, match="strict"):
+        grouping.detect_groups(paths, labels, strictness="loose")

@@ -141,6 +141,7 @@ def test_cli_split_detects_groups_and_audit_finds_no_leak(copies_folder, tmp_pat
     assert main(["split", "--data", str(copies_folder), "--out", str(out), "--seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "broken.jpeg" in printed and f"protocol: {PROTOCOL_GROUPED}" in printed
+    assert "strictness safe" in printed and "joined by stain colour" in printed
     records, protocol = split_mod.read_manifest(out)
     assert protocol == PROTOCOL_GROUPED and len(records) == 45
     by_source: dict[str, set[str]] = {}

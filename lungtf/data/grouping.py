@@ -41,6 +41,7 @@ from PIL import Image
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
 
+from lungtf.constants import GROUPING_STRICTNESS
 from lungtf.data import keypoints
 
 SIZE = 112
@@ -59,6 +60,11 @@ LOW_THRESHOLD = 0.35
 """Lower NCC that also counts when the two images' stain colour is close (``COLOUR_GATE``)."""
 COLOUR_GATE = 1.5
 """Colour-statistics distance (standardised per label) under which ``LOW_THRESHOLD`` applies."""
+STRICTNESS = dict(zip(GROUPING_STRICTNESS, (9.0, 3.0, 0.0)))
+"""``detect_groups``'s ``strictness`` -> the largest stain-colour distance at which a group still
+small after every matching stage joins a large group. A wrongly merged pair costs a little
+stratification; a missed pair leaks. ``safe`` (the default) joins nearly every small group,
+``strict`` none (purer groups, more leak)."""
 
 
 def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -322,9 +328,11 @@ def components(pairs: np.ndarray, n: int) -> np.ndarray:
 def detect_groups(
     paths: list[str],
     labels: list[str] | None = None,
-    attach: float = 9.0,
+    attach: float | None = None,
     small: int = 5,
     workers: int | None = None,
+    strictness: str = "safe",
+    stages: dict[str, int] | None = None,
     **options,
 ) -> list[str]:
     """One near-duplicate group id per path.
@@ -341,16 +349,25 @@ def detect_groups(
         paths: image files.
         labels: one label per path; groups never span labels.
         attach: largest colour distance (Euclidean over colour statistics standardised per
-            label) for joining a small group; the default 9 joins nearly every small group
-            (tuned on LC25000, where that lowers the leak most); ``0`` disables joining.
+            label) for joining a small group; default from ``strictness``: ``safe`` 9 joins
+            nearly every small group (tuned on LC25000, where that lowers the leak most);
+            ``0`` disables joining.
         small: group size below which a group is joined to a large one (and searched wider).
         workers: threads for decoding and matching (default: all CPUs).
+        strictness: ``STRICTNESS`` key: how readily small groups are merged (``safe`` merges
+            when unsure).
+        stages: if given, filled with the group count after the log-polar pairs and the groups
+            each later stage joined (``keypoint links``, ``direct keypoint check``,
+            ``stain colour``), and the final ``groups``.
         **options: tuning passed on as in ``near_duplicates`` (``threshold``, ``neighbours``, ...).
 
     Returns:
         ``"<label>-g<number>"`` per path (``"g<number>"`` without labels), numbered by first
         appearance, so the result is deterministic for a given input order.
     """
+    if strictness not in STRICTNESS:
+        raise ValueError(f"strictness must be one of {sorted(STRICTNESS)}; got {strictness!r}")
+    attach = STRICTNESS[strictness] if attach is None else attach
     if not paths:
         return []
     prepared = _Prepared(paths, labels, workers)
@@ -359,15 +376,25 @@ def detect_groups(
     pairs, scores = prepared.pairs(small=small, **settings)
     weak = np.setdiff1d(pairs, pairs[scores > settings["threshold"]])  # only colour-gated pairs
     sift = keypoints.SiftCache(paths, prepared.workers)
+    counts = {"log-polar groups": len(np.unique(components(pairs, len(paths))))}
     pairs = np.concatenate([pairs, keypoints.link_groups(
         sift, prepared.members, components(pairs, len(paths)), small)])
     component = components(pairs, len(paths))
+    counts["joined by keypoint links"] = counts["log-polar groups"] - len(np.unique(component))
     sizes = np.bincount(component)
     units = [np.flatnonzero(component == c) for c in np.flatnonzero((sizes > 0) & (sizes < small))]
     units += [np.array([i]) for i in weak if sizes[component[i]] >= small]
     pairs = np.concatenate([pairs, keypoints.join_unsure(
         sift, component, units, prepared.nearest(settings["retry_neighbours"]), small)])
-    component = prepared.attach(components(pairs, len(paths)), small, attach)
+    before = len(np.unique(component))
+    component = components(pairs, len(paths))
+    counts["joined by direct keypoint check"] = before - len(np.unique(component))
+    before = len(np.unique(component))
+    component = prepared.attach(component, small, attach)
+    counts["joined by stain colour"] = before - len(np.unique(component))
+    counts["groups"] = len(np.unique(component))
+    if stages is not None:
+        stages.update(counts)
     names: dict[int, str] = {}
     out = []
     for index, comp in enumerate(component):

@@ -366,8 +366,12 @@ def _split_command(args: argparse.Namespace) -> int:
             return 2
         records = [replace(r, group=groups[r.path]) for r in records]
     elif any(r.group is None for r in records):
-        print(f"detecting near-duplicate groups in {len(records)} images ...")
-        found = grouping.detect_groups([r.path for r in records], [r.label for r in records])
+        print(f"detecting near-duplicate groups in {len(records)} images "
+              f"(strictness {args.grouping_strictness}) ...")
+        stages: dict[str, int] = {}
+        found = grouping.detect_groups([r.path for r in records], [r.label for r in records],
+                                       strictness=args.grouping_strictness, stages=stages)
+        print("grouping stages: " + "; ".join(f"{k} {v}" for k, v in stages.items()))
         records = [replace(r, group=g) for r, g in zip(records, found)]
     protocol = PROTOCOL_RANDOM if args.random else PROTOCOL_GROUPED
     records = make_split(records, args.ratios, args.seed, random=args.random)
@@ -419,6 +423,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--groups", help="path,label,group CSV, paths relative to --data")
     source.add_argument("--random", action="store_true",
                         help="leaky random split, only to reproduce the study")
+    p.add_argument("--grouping-strictness", choices=sorted(grouping.STRICTNESS), default="safe",
+                   help="when groups are detected: how readily a small group still unmatched "
+                   "after the keypoint stages is merged by stain colour (safe: merge when unsure, "
+                   "the default; strict: never)")
     p.set_defaults(func=_split_command)
     p = subparsers.add_parser("audit", help="near-duplicates across splits and the leak rate")
     p.add_argument("manifest", help="split manifest CSV")

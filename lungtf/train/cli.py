@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lungtf.config import (
     DISTRIBUTIONS,
+    GROUPING_STRICTNESS,
     PRECISIONS,
     PRESETS,
     SCHEDULES,
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, help="phase-1 (frozen backbone) epochs")
     p.add_argument("--scratch-epochs", type=int, help="epochs of from-scratch backbones")
     p.add_argument("--image-size", type=int, help="input side in pixels")
+    p.add_argument("--grouping-strictness", choices=GROUPING_STRICTNESS,
+                   help="when groups are detected: how readily unsure small groups are merged "
+                   "(default safe: merge when unsure)")
     p.add_argument("--crop-size", type=int,
                    help="train on random crops of this side (0: whole tiles); eval on whole tiles")
     p.add_argument("--batch-size", type=int, help="global batch size")
@@ -134,6 +138,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "groups": args.groups,
             "image_size": args.image_size,
             "crop_size": args.crop_size,
+            "grouping_strictness": args.grouping_strictness,
             "batch_size": args.batch_size,
             "seed": args.seed,
             "cache": args.cache,

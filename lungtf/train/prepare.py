@@ -59,8 +59,10 @@ def _groups_file(source: Path, explicit: str | None) -> Path | None:
     return None
 
 
-def assign_groups(records: list, source: str, groups: str | None) -> list:
-    """Give every record its source-tile group (kept when the manifest already has one)."""
+def assign_groups(records: list, source: str, groups: str | None,
+                  strictness: str = "safe") -> list:
+    """Give every record its source-tile group (kept when the manifest already has one); groups
+    are detected with ``strictness`` when no groups file covers the records."""
     if all(r.group for r in records):
         return records
     path = _groups_file(Path(source), groups)
@@ -78,8 +80,12 @@ def assign_groups(records: list, source: str, groups: str | None) -> list:
         )
     from lungtf.data.grouping import detect_groups
 
-    log.info("groups: detecting near-duplicate groups of %d tiles", len(records))
-    ids = detect_groups([r.path for r in records], [r.label for r in records])
+    log.info("groups: detecting near-duplicate groups of %d tiles (strictness %s)", len(records),
+             strictness)
+    stages: dict[str, int] = {}
+    ids = detect_groups([r.path for r in records], [r.label for r in records],
+                        strictness=strictness, stages=stages)
+    log.info("groups: %s", "; ".join(f"{k} {v}" for k, v in stages.items()))
     return [replace(r, group=g) for r, g in zip(records, ids)]
 
 
@@ -118,7 +124,8 @@ def prepare_splits(data, run_dir: Path) -> tuple[dict[str, list], str]:
     if bad:
         log.info("%d unreadable files skipped (see %s)", len(bad), run_dir / "bad_files.csv")
     if not (manifest.is_file() or data.splits):
-        good = make_split(assign_groups(good, source, data.groups), data.ratios, seed=data.seed)
+        good = make_split(assign_groups(good, source, data.groups, data.grouping_strictness),
+                          data.ratios, seed=data.seed)
     if not manifest.is_file():  # atomic: a resume never reads half a split
         with atomic_path(manifest) as tmp:
             write_manifest(good, tmp, protocol)
