@@ -37,6 +37,7 @@ import grpc
 import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
@@ -318,6 +319,27 @@ class LungClient:
                 }
                 for s in response.model_version_status
             ],
+        }
+
+
+    def signatures(self) -> dict[str, Any]:
+        """``GetModelMetadata``: ``{"version": N, "signatures": {name: {"inputs": [...],
+        "outputs": [...]}}}`` of the version that answers (``version``, else the newest), so a
+        caller can tell whether it serves e.g. ``explain`` before asking for it."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = self.model_name
+        if self.version is not None:
+            request.model_spec.version.value = self.version
+        request.metadata_field.append("signature_def")
+        response = self._call(self._predict.GetModelMetadata, request)
+        defs = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(defs)
+        return {
+            "version": response.model_spec.version.value,
+            "signatures": {
+                name: {"inputs": sorted(sig.inputs), "outputs": sorted(sig.outputs)}
+                for name, sig in sorted(defs.signature_def.items())
+            },
         }
 
 

@@ -1,6 +1,6 @@
 """Web demo: drop in lung tiles and see what the served model answers.
 
-``python -m lungtf.demo --target HOST:PORT [--port 7860] [--host 127.0.0.1] [--examples DIR ...]
+``python -m lungtf.demo --target HOST:PORT [--model-name lungtf] [--port 7860] [--host 127.0.0.1] [--examples DIR ...]
 [--run RUN_DIR [--data-root DIR]] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]``
 
 The page is a Gradio app and a *client* of the served model: every answer comes from the gRPC
@@ -17,6 +17,11 @@ server's INVALID_ARGUMENT message next to it, and the page stays usable. The foo
 served version, the model's test accuracy and missed cancers with their split protocol, and that
 this is a research tool, not a diagnosis. Analytics are off, there is no share link, and the app
 binds 127.0.0.1 unless told otherwise.
+
+"Show evidence" (``lungtf.demo_evidence``) sends each tile to the ``explain`` signature instead
+and shows its Grad-CAM overlay (``lungtf.overlay``) beside the bars. The toggle appears only
+while the served version has ``explain`` (its signatures, from ``GetModelMetadata``); a model
+exported before ``explain`` existed gets a note saying so instead.
 
 Files: the page serves exactly its example tiles (each a JPEG/PNG file whose resolved path lies
 inside its example folder, or inside the run's data root for ``--run``; symlinks that lead out
@@ -56,6 +61,7 @@ from lungtf.client import (
     credentials_from_args,
 )
 from lungtf.constants import CLASS_DESCRIPTIONS, CLASS_NAMES, PROTOCOL_GROUPED
+from lungtf.demo_evidence import explain_support, explain_tile, overlay_label, overlay_uri
 from lungtf.demo_files import find_examples, thumbnail_uri
 
 UNCERTAIN = "Uncertain \u2014 refer to a pathologist"
@@ -73,6 +79,7 @@ CSS = """
   display: flex; gap: 12px; align-items: flex-start;}
 .lungtf-tile img {width: 96px; height: 96px; object-fit: cover; border-radius: 4px;}
 .lungtf-body {flex: 1;}
+.lungtf-tile img.lungtf-overlay {width: 160px; height: 160px;}
 .lungtf-name {font-weight: 600;}
 .lungtf-bar {display: flex; align-items: center; gap: 8px; margin: 2px 0;}
 .lungtf-bar .lungtf-class {width: 190px;}
@@ -103,6 +110,7 @@ class TileResult:
     prediction: Prediction | None = None
     error: str | None = None
     thumbnail: str | None = None
+    overlay: str | None = None
 
 
 def render_tile(result: TileResult, threshold: float | None) -> str:
@@ -134,7 +142,13 @@ def render_tile(result: TileResult, threshold: float | None) -> str:
             f'<div class="lungtf-track"><div class="lungtf-fill" style="width:{100 * p:.1f}%">'
             f'</div></div><span class="lungtf-prob">{format_probability(p)}</span></div>'
         )
-    return "".join(lines) + "</div></div>"
+    lines.append("</div>")
+    if result.overlay:
+        lines.append(
+            f'<img class="lungtf-overlay" src="{result.overlay}" alt="evidence for {name}" '
+            'title="Grad-CAM: where the model looked for the predicted class">'
+        )
+    return "".join(lines) + "</div>"
 
 
 def render_results(results: Sequence[TileResult], threshold: float | None, alert: str = "") -> str:
@@ -206,10 +220,16 @@ class DemoBackend:
     """Turns files into page content by asking the served model (one ``LungClient``)."""
 
     def __init__(
-        self, target: str, timeout: float = 10.0, credentials: grpc.ChannelCredentials | None = None
+        self,
+        target: str,
+        timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        model_name: str = "lungtf",
     ) -> None:
         self.target = target
-        self.client = LungClient(target, timeout=timeout, retries=1, credentials=credentials)
+        self.client = LungClient(
+            target, timeout=timeout, retries=1, credentials=credentials, model_name=model_name
+        )
 
     def model_info(self) -> tuple[dict[str, Any] | None, int | None, str]:
         """``(metadata, served version, error message)``; metadata is ``None`` on an error."""
@@ -225,10 +245,24 @@ class DemoBackend:
         metadata, version, error = self.model_info()
         return footer_text(metadata, version, self.target, error)
 
-    def classify(self, paths: Sequence[str]) -> tuple[str, str]:
+    def evidence(self) -> tuple[bool, str]:
+        """Whether the served version can show evidence, and why not (``explain_support``)."""
+        return explain_support(self.client)
+
+    def _answer(self, path: str, evidence: bool) -> TileResult:
+        name, thumb = Path(path).name, thumbnail_uri(path)
+        if not evidence:
+            return TileResult(name, self.client.predict([path])[0], None, thumb)
+        prediction, heatmap = explain_tile(self.client, path)
+        return TileResult(name, prediction, None, thumb, overlay_uri(path, heatmap,
+                                                                      overlay_label(prediction)))
+
+    def classify(self, paths: Sequence[str], evidence: bool = False) -> tuple[str, str]:
         """``(results HTML, footer markdown)`` for image files, one Predict call per file.
 
-        More than ``MAX_FILES_PER_UPLOAD`` files are refused as a whole. One call per file lets a file the server cannot decode get its own INVALID_ARGUMENT
+        With ``evidence`` each file goes to the ``explain`` signature instead, whose answer
+        holds the same probabilities plus the heatmap drawn beside them, when the served
+        version has it (else the page says why and shows probabilities only). More than ``MAX_FILES_PER_UPLOAD`` files are refused as a whole. One call per file lets a file the server cannot decode get its own INVALID_ARGUMENT
         message while the others still get answers. An unreachable server stops the loop and
         gives one page-level message naming the target and the tiles left unanswered.
         """
@@ -241,14 +275,15 @@ class DemoBackend:
             return render_results([], None, alert), self.footer()
         metadata, version, problem = self.model_info()
         threshold = None if metadata is None else metadata.get("uncertainty_threshold")
+        note = ""
+        if evidence and not problem:
+            evidence, note = self.evidence()
         results: list[TileResult] = []
         for path, name in zip(paths, names):
             if problem:
                 break
             try:
-                results.append(
-                    TileResult(name, self.client.predict([path])[0], None, thumbnail_uri(path))
-                )
+                results.append(self._answer(path, evidence))
             except LungClientError as err:
                 if err.code in UNREACHABLE_CODES:
                     problem = unreachable_message(self.target, err)
@@ -257,7 +292,7 @@ class DemoBackend:
                 results.append(TileResult(name, error=reason, thumbnail=thumbnail_uri(path)))
             except OSError as err:
                 results.append(TileResult(name, error=f"Could not read this file: {err}"))
-        alert = f"{problem} Not classified: {', '.join(names[len(results) :])}." if problem else ""
+        alert = f"{problem} Not classified: {', '.join(names[len(results) :])}." if problem else note
         footer = footer_text(metadata, version, self.target, problem)
         return render_results(results, threshold, alert), footer
 
@@ -282,7 +317,11 @@ def build_app(
     examples: Sequence[tuple[str, str]] = (),
     cache_seconds: tuple[int, int] = CACHE_SECONDS,
 ) -> Any:
-    """The Gradio page: upload box, example gallery, results panel and footer.
+    """The Gradio page: upload box, evidence toggle, example gallery, results panel and footer.
+
+    The "show evidence" toggle is visible only while the served version has the ``explain``
+    signature (checked on load and with every answer); otherwise a note says why. Flipping it
+    answers the files on the page again, with or without their Grad-CAM overlays.
 
     The footer is refreshed on every page load and with every answer, so it follows hot-swapped
     model versions and a server that comes back. Uploads go to a ``private_cache`` folder;
@@ -306,6 +345,13 @@ def build_app(
                     file_types=list(IMAGE_SUFFIXES),
                     elem_id="lungtf-upload",
                 )
+                evidence = gr.Checkbox(
+                    label="Show evidence (Grad-CAM: where the model looked)",
+                    value=False,
+                    visible=False,
+                    elem_id="lungtf-evidence",
+                )
+                evidence_note = gr.Markdown(elem_id="lungtf-evidence-note")
                 gallery = gr.Gallery(
                     value=list(examples),
                     label="Examples (click one)",
@@ -320,18 +366,28 @@ def build_app(
             with gr.Column(scale=2):
                 results = gr.HTML(render_results([], None), elem_id="lungtf-results")
         footer = gr.Markdown(elem_id="lungtf-footer")
+        shown = gr.State([])  # the files on the page, answered again when the toggle flips
 
-        def on_files(paths: list[str] | None) -> tuple[str, str]:
+        def controls() -> tuple[Any, str]:
+            available, why = backend.evidence()  # per answer: the served version may change
+            return gr.update(visible=available), why
+
+        def answer(paths: list[str], show: bool) -> tuple[Any, ...]:
             if not paths:
-                return render_results([], None), backend.footer()
-            return backend.classify(paths)
+                return render_results([], None), backend.footer(), [], *controls()
+            return *backend.classify(paths, bool(show)), paths, *controls()
 
-        def on_example(evt: gr.SelectData) -> tuple[str, str]:
-            return backend.classify([example_paths[evt.index]])
+        def on_files(paths: list[str] | None, show: bool) -> tuple[Any, ...]:
+            return answer(paths or [], show)
 
-        files.change(on_files, inputs=files, outputs=[results, footer])
-        gallery.select(on_example, outputs=[results, footer])
-        app.load(backend.footer, outputs=footer)
+        def on_example(show: bool, evt: gr.SelectData) -> tuple[Any, ...]:
+            return answer([example_paths[evt.index]], show)
+
+        outputs = [results, footer, shown, evidence, evidence_note]
+        files.change(on_files, inputs=[files, evidence], outputs=outputs)
+        gallery.select(on_example, inputs=evidence, outputs=outputs)
+        evidence.input(answer, inputs=[shown, evidence], outputs=outputs)
+        app.load(lambda: (backend.footer(), *controls()), outputs=[footer, evidence, evidence_note])
     return app
 
 
@@ -341,6 +397,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m lungtf.demo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--target", required=True, help="gRPC HOST:PORT of the served model")
+    parser.add_argument("--model-name", default="lungtf", help="model_spec.name to ask")
     parser.add_argument("--host", default="127.0.0.1", help="address the page binds (loopback)")
     parser.add_argument("--port", type=int, default=7860, help="HTTP port of the page")
     parser.add_argument(
@@ -390,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # missing examples, bad TLS files
         print(f"error: {err}", file=sys.stderr)
         return 2
-    backend = DemoBackend(args.target, timeout=args.timeout, credentials=credentials)
+    backend = DemoBackend(
+        args.target, timeout=args.timeout, credentials=credentials, model_name=args.model_name
+    )
     print(f"demo on http://{args.host}:{args.port} asking the model at {args.target}", flush=True)
     launch(build_app(backend, examples), args.host, args.port, examples)
     return 0

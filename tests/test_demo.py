@@ -3,7 +3,9 @@ headless Chromium against a live dev server serving a tiny exported model."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import os
 import shutil
@@ -29,7 +31,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from test_serving import launch, wait_ready
 
 from lungtf import demo, export
-from lungtf.client import LungClient, Prediction
+from lungtf.client import LungClient, LungClientError, Prediction
 from lungtf.config import ModelConfig
 from lungtf.constants import CLASS_NAMES
 from lungtf.models import build_model
@@ -69,6 +71,14 @@ def test_tile_shows_words_bars_and_uncertainty_flag() -> None:
     assert demo.UNCERTAIN not in page
     flagged = demo.render_tile(demo.TileResult("a.png", prediction((0.41, 0.2, 0.39))), 0.6)
     assert demo.UNCERTAIN in flagged and "41.0% is below the threshold 60.0%" in flagged
+
+
+def test_evidence_overlay_sits_beside_the_bars() -> None:
+    uri = "data:image/png;base64,iVBORw0KGgo="
+    page = demo.render_tile(demo.TileResult("a.png", prediction((0.1, 0.1, 0.8)), overlay=uri), None)
+    assert page.index('class="lungtf-body"') < page.index(f'class="lungtf-overlay" src="{uri}"')
+    assert 'alt="evidence for a.png"' in page
+    assert "lungtf-overlay" not in demo.render_tile(demo.TileResult("a.png", prediction((1, 0, 0))), None)
 
 
 def test_errors_and_names_are_escaped_and_shown() -> None:
@@ -206,20 +216,56 @@ def unsaturated_model(tiles: list[Path], size: int = 32) -> keras.Model:
     return model
 
 
+LEGACY = "legacy"
+"""The second served model of ``live``: the same export without the ``explain`` signature, as a
+model exported before it existed."""
+LEGACY_SIGNATURES = ("serving_default", "predict_pixels", "metadata")
+
+
+def save_without_explain(version: Path, base: Path) -> None:
+    """Re-save an exported version with only ``LEGACY_SIGNATURES`` as ``base/1`` (renamed into
+    place, so the polling server never sees half a model)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(version))
+    tmp = base.parent / f".{base.name}-tmp"
+    tf.saved_model.save(loaded, str(tmp), signatures={k: loaded.signatures[k] for k in LEGACY_SIGNATURES})
+    base.mkdir()
+    tmp.rename(base / "1")
+
+
+def wait_available(target: str, model_name: str, timeout: float = 120.0) -> None:
+    client = LungClient(target, model_name=model_name)
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        try:
+            if demo.served_version(client.status()) is not None:
+                return client.close()
+        except LungClientError as err:  # NOT_FOUND until the server has polled the base path
+            state = str(err)
+        time.sleep(0.3)
+    pytest.fail(f"model {model_name!r} never became AVAILABLE at {target}: {state}")
+
+
 @pytest.fixture(scope="module")
 def live(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[dict]:
-    """A tiny resnet34 exported and served by the dev server, the demo page in this process,
-    and a tile to upload (a real LC25000 tile when the shared data is there).
+    """A tiny resnet34 exported and served by the dev server (as ``lungtf``, and without
+    ``explain`` as ``LEGACY``), the demo page in this process, and a tile to upload (a real
+    LC25000 tile when the shared data is there).
 
     The server starts first and imports TensorFlow while the model is built and exported.
     """
     root = tmp_path_factory.mktemp("demo")
     (root / "lungtf").mkdir(parents=True)
-    proc = launch(
-        ["--model-base-path", str(root / "lungtf"), "--poll-seconds", "0.3"], root / "server.log"
-    )
+    config = root / "models.config"
+    config.write_text("model_config_list {\n" + "".join(
+        f'  config {{ name: "{name}" base_path: "{root / name}" model_platform: "tensorflow" }}\n'
+        for name in ("lungtf", LEGACY)
+    ) + "}\n")  # fmt: skip
+    proc = launch(["--config", str(config), "--poll-seconds", "0.3"], root / "server.log")
     try:
         shared = request.getfixturevalue("shared_data")
         tile = shared / "lung_aca" / "lungaca1.jpeg"
@@ -232,7 +278,9 @@ def live(
     examples = demo.find_examples([example_dir], per_source=4)
     tiles = [tile, *(Path(path) for path, _ in examples)]
     export.export_model(unsaturated_model(tiles), root / "lungtf", dict(METADATA))
+    save_without_explain(root / "lungtf" / "1", root / LEGACY)
     target = wait_ready(proc, root / "server.log")
+    wait_available(target, LEGACY)
     backend = demo.DemoBackend(target)
     app = demo.build_app(backend, examples)
     url = demo.launch(app, "127.0.0.1", free_port(), examples, block=False)
@@ -423,6 +471,50 @@ def test_browser_upload_matches_direct_grpc_call(live: dict, browser, artifacts_
     example = live["examples"][0][0]
     shown = shown_probabilities(browser, Path(example).name, artifacts_dir)
     assert shown == direct_probabilities(live["target"], example)[1]
+
+
+def overlay_in(block: str) -> Image.Image | None:
+    """The evidence overlay image in a tile's HTML, decoded; ``None`` when there is none."""
+    marker = 'class="lungtf-overlay" src="data:image/png;base64,'
+    if marker not in block:
+        return None
+    data = block.split(marker, 1)[1].split('"', 1)[0]
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+PROBS = 'class="lungtf-prob">'
+
+
+def test_backend_without_explain_hides_evidence_and_says_why(live: dict) -> None:
+    legacy = demo.DemoBackend(live["target"], model_name=LEGACY)
+    available, why = legacy.evidence()
+    assert not available
+    for part in ("model version 1", "no `explain` signature", "`serving_default`"):
+        assert part in why
+    page, _ = legacy.classify([str(live["tile"])], evidence=True)
+    plain, _ = live["backend"].classify([str(live["tile"])])
+    assert overlay_in(page) is None and "no `explain` signature" in page
+    assert page.split(PROBS)[1:] and page.split(PROBS)[1:4] == plain.split(PROBS)[1:4]
+    legacy.client.close()
+
+
+def test_browser_hides_the_toggle_without_explain(live: dict, browser, artifacts_dir: Path) -> None:
+    backend = demo.DemoBackend(live["target"], model_name=LEGACY)
+    app = demo.build_app(backend, live["examples"])
+    url = demo.launch(app, "127.0.0.1", free_port(), live["examples"], block=False)
+    try:
+        open_page(browser, url, artifacts_dir)
+        note = (By.ID, "lungtf-evidence-note")
+        why = "Evidence overlays are unavailable"
+        wait_until(browser, ec.text_to_be_present_in_element(note, why), why, artifacts_dir)
+        text = " ".join(browser.find_element(*note).text.split())
+        assert "model version 1 served at" in text and "has no explain signature" in text
+        toggles = browser.find_elements(By.CSS_SELECTOR, "#lungtf-evidence")
+        assert not any(t.is_displayed() for t in toggles)
+        browser.save_screenshot(str(artifacts_dir / "demo_no_evidence.png"))
+    finally:
+        app.close()
+        backend.client.close()
 
 
 def test_browser_shows_server_down_naming_target(live: dict, browser, artifacts_dir: Path) -> None:
