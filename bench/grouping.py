@@ -9,8 +9,12 @@ groups (share of test tiles whose true group also has a tile in train), the same
 size of LC25000's lung subset: it adds generated copies made the way LC25000 made its tiles (a
 random source tile, flipped or not, rotated by up to 25 degrees and cropped to the largest
 centred square, resized back), each in its source's true group, written to a temporary folder.
+``--copies realistic`` makes them the way the copies our grouping missed on unseen LC25000 tiles
+look: zoomed in 1-2.5x about an off-centre point, rotated by any angle, corners filled by mirror
+reflection or a constant, flipped either way. The shared tiles are 224 px (LC25000's are 768),
+so a zoomed copy here is also upsampled and softer than LC25000's own.
 
-    .venv/bin/python bench/grouping.py [--data DIR] [--seeds 10] [--tiles 15000]
+    .venv/bin/python bench/grouping.py [--data DIR] [--seeds 10] [--tiles 15000] [--copies realistic]
 """
 
 from __future__ import annotations
@@ -43,7 +47,28 @@ def true_leak(split: list[Record], truth: dict[str, str]) -> float:
     return sum(truth[r.path] in train for r in test) / len(test)
 
 
-def add_copies(rows: list[dict], root: Path, out: Path, total: int, seed: int = 0) -> list[dict]:
+def realistic_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A zoomed-in (1-2.5x, off-centre), rotated (any angle), border-filled, flipped copy."""
+    import cv2
+
+    side = image.shape[0]
+    zoom, angle = rng.uniform(1.0, 2.5), rng.uniform(0, 360)
+    reach = 0.5 * side * (1 - 1 / zoom)
+    cx, cy = side / 2 + rng.uniform(-reach, reach), side / 2 + rng.uniform(-reach, reach)
+    warp = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
+    warp[:, 2] += (side / 2 - cx, side / 2 - cy)
+    border = (cv2.BORDER_REFLECT, cv2.BORDER_REFLECT_101, cv2.BORDER_CONSTANT)[rng.integers(3)]
+    out = cv2.warpAffine(image, warp, (side, side), flags=cv2.INTER_CUBIC, borderMode=border,
+                         borderValue=(255, 255, 255))
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    if rng.random() < 0.5:
+        out = out[::-1]
+    return np.ascontiguousarray(out)
+
+
+def add_copies(rows: list[dict], root: Path, out: Path, total: int, seed: int = 0,
+               realistic: bool = False) -> list[dict]:
     """Write ``total - len(rows)`` LC25000-style copies of random tiles to ``out``; their rows.
 
     Each copy: a random source tile, mirrored with probability 0.5, rotated by U(-25, 25) degrees
@@ -56,6 +81,13 @@ def add_copies(rows: list[dict], root: Path, out: Path, total: int, seed: int = 
         row = rows[rng.integers(len(rows))]
         with Image.open(root / row["path"]) as src:
             image = src.convert("RGB")
+        if realistic:
+            image = Image.fromarray(realistic_copy(np.asarray(image), rng))
+            path = out / row["label"] / f"copy{i:05d}.jpeg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, quality=90)
+            added.append({"path": str(path), "label": row["label"], "group": row["group"]})
+            continue
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         angle = rng.uniform(-25, 25)
@@ -77,14 +109,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="split seeds to average the leak over")
     parser.add_argument("--tiles", type=int, default=0,
                         help="grow the set to this many tiles with generated copies (timing at scale)")
+    parser.add_argument("--copies", choices=("lc25000", "realistic"), default="lc25000",
+                        help="how --tiles makes its copies (see above)")
     args = parser.parse_args()
     root = Path(args.data)
     with open(root / "groups.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if args.tiles > len(rows):  # the folder lives as long as `scratch`, to the end of main
         scratch = tempfile.TemporaryDirectory(prefix="lungtf-grouping-")
-        copies = add_copies(rows, root, Path(scratch.name), args.tiles)
-        print(f"{len(rows)} real tiles + {len(copies)} generated copies in {scratch.name}")
+        copies = add_copies(rows, root, Path(scratch.name), args.tiles,
+                            realistic=args.copies == "realistic")
+        print(f"{len(rows)} real tiles + {len(copies)} generated {args.copies} copies in "
+              f"{scratch.name}")
         rows += copies
     paths = [str(root / row["path"]) for row in rows]
     labels = [row["label"] for row in rows]
