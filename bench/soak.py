@@ -176,6 +176,181 @@ def rss_trend(samples: list[tuple[float, int, int]], total: int) -> tuple[float,
     return slope * 0.25 * total, statistics.fmean(r for _, r in tail)
 
 
+class Soak:
+    """One run: the client threads, the version director and the RSS sampler, and what they saw.
+
+    Args:
+        args: the command line.
+        proc, target: the server process and its ``HOST:PORT``.
+        base, old: the served base path and its one version at the start.
+        tiles: encoded tiles for good calls.
+        kinds: the schedule (``schedule``).
+    """
+
+    def __init__(
+        self, args: argparse.Namespace, proc: Any, target: str, base: Path, old: int,
+        tiles: list[bytes], kinds: list[str],
+    ) -> None:  # fmt: skip
+        self.args, self.proc, self.base, self.old = args, proc, base, old
+        self.tiles, self.kinds = tiles, kinds
+        self.bad_requests = malformed_requests(tiles, Limits())
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)])
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.details: dict[tuple[str, str], str] = {}
+        self.latency: list[float] = []
+        self.answered_by: collections.Counter = collections.Counter()
+        self.samples: list[tuple[float, int, int]] = []  # (seconds, calls done, RSS bytes)
+        self.events: list[str] = []
+        self.failures: list[str] = []
+        self.lock, self.stop, self.removed = threading.Lock(), threading.Event(), threading.Event()
+        self.next_call, self.done = iter(range(len(kinds))), 0
+        self.drop_at, self.remove_at = int(0.4 * len(kinds)), int(0.7 * len(kinds))
+        self.reached = self.paused = 0.0  # when remove_at calls were done; how long calls waited
+        self.idle = 0  # server RSS after the warm-up call
+        self.start = time.monotonic()
+
+    def run(self) -> float:
+        """Warm the model up, then send every call; returns the seconds the calls took."""
+        self.stub.Predict(request(image_bytes=strings(self.tiles[:1])), timeout=600)
+        self.idle = rss_bytes(self.proc.pid)
+        self.start = time.monotonic()
+        helpers = [threading.Thread(target=self.sampler), threading.Thread(target=self.director)]
+        clients = [
+            threading.Thread(target=self.client, args=(self.args.seed + i,))
+            for i in range(self.args.threads)
+        ]
+        for t in helpers + clients:
+            t.start()
+        for t in clients:
+            t.join()
+        wall = time.monotonic() - self.start
+        self.stop.set()
+        for t in helpers:
+            t.join()
+        self.channel.close()
+        return wall
+
+    def wait_for(self, condition: Any, what: str) -> bool:
+        """Poll ``GetModelStatus`` until ``condition(states)``; a failure after the timeout."""
+        began = time.monotonic()
+        while time.monotonic() - began < self.args.swap_timeout:
+            if condition(version_states(self.models)):
+                took = time.monotonic() - began
+                self.events.append(f"{what} after {took:.1f} s (at call {self.done})")
+                return True
+            time.sleep(0.1)
+        self.failures.append(f"{what}: not within {self.args.swap_timeout:.0f} s")
+        return False
+
+    def director(self) -> None:
+        """Drop in version ``old + 1`` at 40 % of the calls and, once it is AVAILABLE, delete
+        version ``old`` at 70 %; calls from 70 % on wait until the deletion is done."""
+        old, new = self.old, self.old + 1
+        try:
+            while self.done < self.drop_at:
+                time.sleep(0.02)
+            hidden = self.base / f".incoming-{new}"
+            shutil.copytree(self.base / str(old), hidden)
+            hidden.rename(self.base / str(new))
+            self.events.append(f"version {new} dropped in at call {self.done}")
+            if not self.wait_for(lambda s: s.get(new) == "AVAILABLE", f"version {new} AVAILABLE"):
+                return
+            while self.done < self.remove_at:
+                time.sleep(0.02)
+            shutil.rmtree(self.base / str(old))
+            self.paused = time.monotonic() - self.reached
+            self.events.append(f"version {old} deleted at call {self.done}")
+            if self.paused > 0.5:
+                self.events.append(
+                    f"calls from {self.remove_at} on waited {self.paused:.1f} s for the swap"
+                )
+        finally:
+            self.removed.set()
+        self.wait_for(lambda s: s.get(old, "END") == "END", f"version {old} unloaded")
+
+    def sampler(self) -> None:
+        while not self.stop.wait(0.25):
+            self.samples.append(
+                (time.monotonic() - self.start, self.done, rss_bytes(self.proc.pid))
+            )
+
+    def client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            with self.lock:
+                index = next(self.next_call, None)
+            if index is None:
+                return
+            if index >= self.remove_at:
+                self.removed.wait()
+            kind = self.kinds[index]
+            batch = rng.sample(self.tiles, rng.randint(1, 4)) if kind == "good" else []
+            req = request(image_bytes=strings(batch)) if batch else self.bad_requests[kind]
+            began = time.monotonic()
+            code, detail, version = "OK", "", None
+            try:
+                answer = self.stub.Predict(req, timeout=60)
+                if batch:
+                    parse_predictions(answer, len(batch))
+                    version = answer.model_spec.version.value
+            except grpc.RpcError as err:
+                code, detail = err.code().name, err.details() or ""
+            except LungClientError as err:
+                code, detail = f"bad answer ({err.code.name})", err.message
+            took = time.monotonic() - began
+            with self.lock:
+                self.done += 1
+                if self.done == self.remove_at:
+                    self.reached = time.monotonic()
+                self.counts[kind][code] += 1
+                self.details.setdefault((kind, code), detail)
+                if batch and code == "OK":
+                    self.latency.append(took)
+                    self.answered_by[version] += 1
+
+    def report(self, model: str, wall: float, final_rss: int) -> None:
+        """Print the set-up, the status table, latency, throughput, version events and RSS."""
+        args, load = self.args, os.getloadavg()
+        print(
+            f"dev server, {args.workers} workers; model: {model}; {args.requests} calls from "
+            f"{args.threads} threads, {args.malformed:.0%} malformed; tiles from "
+            f"{args.tiles if args.tiles.is_dir() else 'generated'}; {os.cpu_count()} CPUs, load "
+            f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end"
+        )
+        print("\n| kind | answers | expected | first message |\n|---|---|---|---|")
+        for kind, expected in EXPECTED.items():
+            answers = ", ".join(f"{c} {n}" for c, n in sorted(self.counts[kind].items()))
+            first = next((d for (k, _), d in self.details.items() if k == kind and d), "")
+            print(f"| {kind} | {answers or 'none sent'} | {' / '.join(expected)} | {first[:90]} |")
+        if self.latency:
+            p50, p99 = np.percentile(self.latency, [50, 99])
+            print(f"\ngood calls: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (1-4 tiles)")
+        busy = wall - self.paused
+        print(f"{args.requests / busy:.1f} calls/s ({args.requests} calls in {busy:.1f} s)")
+        print("good calls answered by version: " + ", ".join(
+            f"{v}: {n}" for v, n in sorted(self.answered_by.items())))  # fmt: skip
+        for event in self.events:
+            print(f"event: {event}")
+        growth, mean = rss_trend(self.samples, len(self.kinds))
+        peak = max((r for _, _, r in self.samples), default=0)
+        print(
+            f"\nserver RSS: {self.idle / MiB:.0f} MiB after warm-up, {final_rss / MiB:.0f} MiB "
+            f"at the end, peak {peak / MiB:.0f} MiB"
+        )
+        picked = self.samples[:: max(1, len(self.samples) // 16)]
+        picked += self.samples[-1:] if picked and picked[-1] is not self.samples[-1] else []
+        print("RSS over the run (s, calls done, MiB): " + ", ".join(
+            f"{t:.0f} s {n} {r / MiB:.0f}" for t, n, r in picked))  # fmt: skip
+        settled = growth <= max(16.0, 0.02 * mean)
+        print(
+            f"last quarter of the calls: RSS {growth:+.0f} MiB on a straight-line fit (mean "
+            f"{mean:.0f} MiB): {'levels off' if settled else 'still growing'} (growth "
+            "threshold: 16 MiB or 2 %)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base-path", type=Path, help="existing export; its newest version is copied")
@@ -190,189 +365,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swap-timeout", type=float, default=120.0, help="seconds to load/unload")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    tmp = tempfile.TemporaryDirectory(prefix="lungtf-soak-")
-    root = Path(tmp.name)
-    base, old, model = prepare_models(args, root)
-    (root / "models.config").write_text(CONFIG.format(base=base))
-    tiles = load_tiles(args.tiles, 128)
-    limits = Limits()
-    bad_requests = malformed_requests(tiles, limits)
-    kinds = schedule(args.requests, args.malformed, args.seed)
-    proc, target = start_server(root / "models.config", args.workers)
-    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)])
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    models = model_service_pb2_grpc.ModelServiceStub(channel)
-    stub.Predict(request(image_bytes=strings(tiles[:1])), timeout=600)  # loaded and warm
-    idle = rss_bytes(proc.pid)
-
-    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    details: dict[tuple[str, str], str] = {}
-    latency: list[float] = []
-    answered_by: collections.Counter = collections.Counter()
-    samples: list[tuple[float, int, int]] = []  # (seconds, calls done, RSS bytes)
-    events: list[str] = []
-    failures: list[str] = []
-    lock, stop = threading.Lock(), threading.Event()
-    next_call, done = iter(range(len(kinds))), [0]
-    start = time.monotonic()
-
-    drop_at, remove_at = int(0.4 * len(kinds)), int(0.7 * len(kinds))
-    removed = threading.Event()  # calls from remove_at on wait for it (short runs: the swap)
-    reached = [0.0]  # when remove_at calls were done
-
-    def wait_for(condition: Any, what: str) -> bool:
-        began = time.monotonic()
-        while time.monotonic() - began < args.swap_timeout:
-            if condition(version_states(models)):
-                events.append(f"{what} after {time.monotonic() - began:.1f} s (at call {done[0]})")
-                return True
-            time.sleep(0.1)
-        failures.append(f"{what}: not within {args.swap_timeout:.0f} s")
-        return False
-
-    def director() -> None:
-        """Drop in version ``old + 1`` at 40 % of the calls and, once it is AVAILABLE, delete
-        version ``old`` at 70 %; calls from 70 % on wait until the deletion is done."""
+    with tempfile.TemporaryDirectory(prefix="lungtf-soak-") as tmp:
+        root = Path(tmp)
+        base, old, model = prepare_models(args, root)
+        (root / "models.config").write_text(CONFIG.format(base=base))
+        tiles = load_tiles(args.tiles, 128)
+        kinds = schedule(args.requests, args.malformed, args.seed)
+        proc, target = start_server(root / "models.config", args.workers)
         try:
-            while done[0] < drop_at:
-                time.sleep(0.02)
-            hidden = base / f".incoming-{old + 1}"
-            shutil.copytree(base / str(old), hidden)
-            hidden.rename(base / str(old + 1))
-            events.append(f"version {old + 1} dropped in at call {done[0]}")
-            if not wait_for(
-                lambda s: s.get(old + 1) == "AVAILABLE", f"version {old + 1} AVAILABLE"
-            ):
-                return
-            while done[0] < remove_at:
-                time.sleep(0.02)
-            shutil.rmtree(base / str(old))
-            paused = time.monotonic() - reached[0]
-            events.append(f"version {old} deleted at call {done[0]}")
-            if paused > 0.5:
-                events.append(f"calls from {remove_at} on waited {paused:.1f} s for the swap")
+            soak = Soak(args, proc, target, base, old, tiles, kinds)
+            wall = soak.run()
+            alive, final_rss = proc.poll() is None, rss_bytes(proc.pid)
         finally:
-            removed.set()
-        wait_for(lambda s: s.get(old, "END") == "END", f"version {old} unloaded")
-
-    def sampler() -> None:
-        while not stop.wait(0.25):
-            samples.append((time.monotonic() - start, done[0], rss_bytes(proc.pid)))
-
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
-        while True:
-            with lock:
-                index = next(next_call, None)
-            if index is None:
-                return
-            if index >= remove_at:
-                removed.wait()
-            kind = kinds[index]
-            if kind == "good":
-                batch = rng.sample(tiles, rng.randint(1, 4))
-                req = request(image_bytes=strings(batch))
-            else:
-                req = bad_requests[kind]
-            began = time.monotonic()
-            code, detail, version = "OK", "", None
-            try:
-                answer = stub.Predict(req, timeout=60)
-                if kind == "good":
-                    parse_predictions(answer, len(batch))
-                    version = answer.model_spec.version.value
-            except grpc.RpcError as err:
-                code, detail = err.code().name, err.details() or ""
-            except LungClientError as err:
-                code, detail = f"bad answer ({err.code.name})", err.message
-            took = time.monotonic() - began
-            with lock:
-                done[0] += 1
-                if done[0] == remove_at:
-                    reached[0] = time.monotonic()
-                counts[kind][code] += 1
-                details.setdefault((kind, code), detail)
-                if kind == "good" and code == "OK":
-                    latency.append(took)
-                    answered_by[version] += 1
-
-    helpers = [threading.Thread(target=sampler), threading.Thread(target=director)]
-    clients = [threading.Thread(target=client, args=(args.seed + i,)) for i in range(args.threads)]
-    for t in helpers + clients:
-        t.start()
-    for t in clients:
-        t.join()
-    wall = time.monotonic() - start
-    stop.set()
-    for t in helpers:
-        t.join()
-    alive = proc.poll() is None
-    final = rss_bytes(proc.pid)
-    channel.close()
-    proc.terminate()
-    proc.wait()
-    tmp.cleanup()
-    report(args, model, target, counts, details, latency, answered_by, events, wall)
-    growth, mean = rss_trend(samples, len(kinds))
-    peak = max((r for _, _, r in samples), default=0)
-    print(
-        f"\nserver RSS: {idle / MiB:.0f} MiB after warm-up, {final / MiB:.0f} MiB at the end, "
-        f"peak {peak / MiB:.0f} MiB"
-    )
-    picked = samples[:: max(1, len(samples) // 16)]
-    picked += samples[-1:] if picked and picked[-1] is not samples[-1] else []
-    print("RSS over the run (s, calls done, MiB): " + ", ".join(
-        f"{t:.0f} s {n} {r / MiB:.0f}" for t, n, r in picked))  # fmt: skip
-    settled = growth <= max(16.0, 0.02 * mean)
-    print(
-        f"last quarter of the calls: RSS {growth:+.0f} MiB on a straight-line fit (mean "
-        f"{mean:.0f} MiB): {'levels off' if settled else 'still growing'} (growth threshold: "
-        "16 MiB or 2 %)"
-    )
+            proc.terminate()
+            proc.wait()
+    soak.report(model, wall, final_rss)
+    failures = soak.failures
     for kind, expected in EXPECTED.items():
-        for code, n in sorted(counts[kind].items()):
+        for code, n in sorted(soak.counts[kind].items()):
             if code not in expected:
-                failures.append(f"{kind}: {n} x {code} {details[(kind, code)][:200]!r}")
+                failures.append(f"{kind}: {n} x {code} {soak.details[(kind, code)][:200]!r}")
     if not alive:
         failures.append("the server died")
     for failure in failures:
         print(f"FAIL {failure}")
     print("PASS" if not failures else f"FAIL: {len(failures)} problem(s)")
     return 1 if failures else 0
-
-
-def report(
-    args: argparse.Namespace,
-    model: str,
-    target: str,
-    counts: dict[str, collections.Counter],
-    details: dict[tuple[str, str], str],
-    latency: list[float],
-    answered_by: collections.Counter,
-    events: list[str],
-    wall: float,
-) -> None:
-    """Print the run's set-up, the status table, latency, throughput and the version events."""
-    load = os.getloadavg()
-    print(
-        f"dev server at {target}, {args.workers} workers; model: {model}; {args.requests} calls "
-        f"from {args.threads} threads, {args.malformed:.0%} malformed; tiles from "
-        f"{args.tiles if args.tiles.is_dir() else 'generated'}; {os.cpu_count()} CPUs, load "
-        f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
-    )
-    print("\n| kind | answers | expected | first message |\n|---|---|---|---|")
-    for kind, expected in EXPECTED.items():
-        answers = ", ".join(f"{c} {n}" for c, n in sorted(counts[kind].items())) or "none sent"
-        first = next((d for (k, _), d in details.items() if k == kind and d), "")
-        print(f"| {kind} | {answers} | {' / '.join(sorted(expected))} | {first[:90]} |")
-    if latency:
-        p50, p99 = np.percentile(latency, [50, 99])
-        print(f"\ngood calls: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (1-4 tiles each)")
-    print(f"{args.requests / wall:.1f} calls/s ({args.requests} calls in {wall:.1f} s)")
-    print("good calls answered by version: " + ", ".join(
-        f"{v}: {n}" for v, n in sorted(answered_by.items())))  # fmt: skip
-    for event in events:
-        print(f"event: {event}")
 
 
 if __name__ == "__main__":
