@@ -627,6 +627,9 @@ def test_limit_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) 
     argv = ["serve", "--model-base-path", str(tmp_path), "--max-batch-images", "0"]
     assert serving_main(argv) == 2
     assert "limits must be integers >= 1" in capsys.readouterr().err
+    argv = ["serve", "--model-base-path", str(tmp_path), "--max-inflight-bytes", str(MiB)]
+    assert serving_main(argv) == 2
+    assert "must be at least max_message_bytes" in capsys.readouterr().err
 
 
 def test_compose_publishes_ports_on_loopback_only() -> None:
@@ -638,3 +641,74 @@ def test_compose_publishes_ports_on_loopback_only() -> None:
     for name, ports in published.items():
         for port in ports:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak so far) of process ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """8 workers over a slow model (3 s per call), 16 MiB messages and in flight at most."""
+    root = tmp_path_factory.mktemp("busy")
+    module = Slow(3.0)
+    tf.saved_model.save(module, str(root / "lungtf" / "1"), signatures={"serving_default": module.serve})
+    args = ["--model-base-path", str(root / "lungtf"), "--workers", "8",
+            "--max-message-bytes", str(16 * MiB), "--max-inflight-bytes", str(16 * MiB)]  # fmt: skip
+    proc = launch(args, root / "log")
+    target = wait_ready(proc, root / "log")
+    options = [("grpc.max_send_message_length", 64 * MiB)]
+    channel = grpc.insecure_channel(target, options=options)
+    yield {"proc": proc, "log": root / "log", "channel": channel,
+           "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel)}
+    channel.close()
+    proc.kill()
+    proc.wait()
+
+
+def test_requests_are_admitted_by_bytes_in_flight(busy: dict) -> None:
+    """16 concurrent 15 MiB requests against a 16 MiB in-flight budget: one is parsed and served
+    at a time, the others wait up to 2 s and get RESOURCE_EXHAUSTED unparsed; the server stays
+    up. Its peak memory grew by 323 MiB here, and by 677 MiB with the budget out of the way
+    (--max-inflight-bytes 1 GiB: all 8 workers parse and convert at once)."""
+    big = request(image_bytes=np.array([b"\xff\xd8\xff" + bytes(15 * MiB)], object))
+    before = rss_mib(busy["proc"].pid)
+    outcomes: list[str] = []
+    details: set[str] = set()
+
+    def send() -> None:
+        try:
+            busy["predict"].Predict(big, timeout=60)
+            outcomes.append("OK")
+        except grpc.RpcError as err:
+            outcomes.append(err.code().name)
+            details.add(err.details().split(":")[0])
+
+    clients = [threading.Thread(target=send) for _ in range(16)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    growth = rss_mib(busy["proc"].pid, "VmHWM") - before
+    assert busy["proc"].poll() is None
+    assert sorted(set(outcomes)) == ["OK", "RESOURCE_EXHAUSTED"], outcomes
+    assert 1 <= outcomes.count("OK") <= 6, outcomes
+    assert details == {"the server is busy"}, details
+    assert growth < 480, f"server memory grew by {growth:.0f} MiB"
+    assert busy["predict"].Predict(request(image_bytes=UNDECODABLE), timeout=60).outputs
+
+
+def test_bytes_that_are_not_a_request_are_invalid_argument(busy: dict) -> None:
+    raw = busy["channel"].unary_unary("/tensorflow.serving.PredictionService/Predict")
+    for garbage in (b"\xff\xff\xff\xff", b"\x0a\x05ab"):
+        with pytest.raises(grpc.RpcError) as err:
+            raw(garbage, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "not a valid /tensorflow.serving.PredictionService/Predict request" in (
+            err.value.details()
+        )
+    assert "Traceback" not in busy["log"].read_text()

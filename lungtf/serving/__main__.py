@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lungtf.serving.config import ConfigError, ModelEntry, check_entries, load_config
-from lungtf.serving.limits import Limits
+from lungtf.serving.limits import ADMISSION_WAIT_SECONDS, Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-image-bytes", type=int, default=defaults.max_image_bytes,
         help=f"most bytes of one encoded image (default {defaults.max_image_bytes}: 16 MiB)",
+    )
+    run.add_argument(
+        "--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes,
+        help="most request bytes all calls hold together; a request finding no room waits up to "
+        f"{ADMISSION_WAIT_SECONDS:g} s, then gets RESOURCE_EXHAUSTED "
+        f"(default {defaults.max_inflight_bytes}: 256 MiB)",
     )
     ssl = sub.add_parser(
         "ssl-config", help="print TF Serving's SSLConfig text (--ssl_config_file) from PEM files"
@@ -94,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         entries = [ModelEntry(args.model_name, Path(args.model_base_path))]
     try:
-        limits = Limits(args.max_message_bytes, args.max_batch_images, args.max_image_bytes)
+        limits = Limits(
+            args.max_message_bytes, args.max_batch_images, args.max_image_bytes,
+            args.max_inflight_bytes,
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

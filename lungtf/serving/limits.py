@@ -9,6 +9,13 @@ not match its declared element count, a batch above ``Limits.max_batch_images`` 
 item above ``Limits.max_image_bytes``. The gRPC message limit (``Limits.max_message_bytes``)
 bounds everything else: gRPC itself answers RESOURCE_EXHAUSTED above it.
 
+That bounds one request; ``Admission`` bounds them together. It hands each request's raw bytes
+to the worker thread unparsed, and a request is parsed and served only once its size fits in a
+server-wide budget of in-flight request bytes (``Limits.max_inflight_bytes``, 256 MiB: four
+messages of the maximum size); otherwise it waits up to ``ADMISSION_WAIT_SECONDS`` for earlier
+requests to finish and is then answered RESOURCE_EXHAUSTED. Bytes that are not a valid request
+message are INVALID_ARGUMENT (gRPC's own parsing would answer INTERNAL and log a traceback).
+
 No TensorFlow import here: ``python -m lungtf.serving validate`` reads the defaults quickly.
 """
 
@@ -16,10 +23,14 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from lungtf.constants import MAX_BATCH_IMAGES
 
@@ -37,16 +48,26 @@ class Limits:
             (``--max-batch-images``, 64 = ``lungtf.constants.MAX_BATCH_IMAGES``).
         max_image_bytes: most bytes of one string item, i.e. one encoded image
             (``--max-image-bytes``, 16 MiB).
+        max_inflight_bytes: most request bytes the whole server holds at once
+            (``--max-inflight-bytes``, 256 MiB; at least ``max_message_bytes``), see
+            ``Admission``.
     """
 
     max_message_bytes: int = 64 * MiB
     max_batch_images: int = MAX_BATCH_IMAGES
     max_image_bytes: int = 16 * MiB
+    max_inflight_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in vars(self).items() if not isinstance(v, int) or v < 1}
         if bad:
             raise ValueError(f"limits must be integers >= 1; got {bad}")
+        if self.max_inflight_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least "
+                f"max_message_bytes ({self.max_message_bytes}), or a message of the maximum "
+                "size could never be served"
+            )
 
 
 class ServingError(Exception):
@@ -172,3 +193,81 @@ def check_tensor(alias: str, proto: Any, info: Any, limits: Limits) -> None:
                 f"item {index} of input {alias!r} is {size} bytes; at most "
                 f"{limits.max_image_bytes} per item (--max-image-bytes)"
             )
+
+
+ADMISSION_WAIT_SECONDS = 2.0
+"""How long a request waits for room in the in-flight budget before RESOURCE_EXHAUSTED."""
+
+
+class InflightBytes:
+    """A server-wide budget of request bytes being served (a counting semaphore by size)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._room = threading.Condition()
+
+    def acquire(self, size: int, wait: float) -> bool:
+        """Reserve ``size`` bytes, waiting up to ``wait`` seconds for room; False if none came."""
+        deadline = time.monotonic() + wait
+        with self._room:
+            while self.used + size > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0 or size > self.limit:
+                    return False
+                self._room.wait(left)
+            self.used += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._room:
+            self.used -= size
+            self._room.notify_all()
+
+
+class Admission(grpc.ServerInterceptor):
+    """Admit unary requests by bytes: parse and serve one only while the budget holds it.
+
+    gRPC normally parses a request in its polling thread before any handler runs, so nothing
+    could refuse it by size first. Here every unary method receives the raw bytes (no
+    deserializer); the worker thread reserves ``len(raw)`` bytes of ``InflightBytes``, waiting up
+    to ``ADMISSION_WAIT_SECONDS`` (less if the client's deadline is nearer), then parses and runs
+    the real handler and releases the bytes when it returns. A request that finds no room is
+    answered RESOURCE_EXHAUSTED before it is parsed; bytes that do not parse are INVALID_ARGUMENT.
+    """
+
+    def __init__(self, limit: int, wait: float = ADMISSION_WAIT_SECONDS) -> None:
+        self.budget = InflightBytes(limit)
+        self.wait = wait
+
+    def intercept_service(self, continuation: Callable, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, serve = handler.request_deserializer, handler.unary_unary
+
+        def admitted(raw: bytes, context: Any) -> Any:
+            remaining = context.time_remaining()
+            wait = self.wait if remaining is None else max(0.0, min(self.wait, remaining))
+            if not self.budget.acquire(len(raw), wait):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is busy: {self.budget.used} bytes of requests in flight, "
+                    f"this one {len(raw)}, at most {self.budget.limit} together "
+                    "(--max-inflight-bytes); retry later",
+                )
+            try:
+                try:
+                    request = parse(raw)
+                except DecodeError:
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the {len(raw)}-byte message is not a valid {details.method} request",
+                    )
+                return serve(request, context)
+            finally:
+                self.budget.release(len(raw))
+
+        return grpc.unary_unary_rpc_method_handler(
+            admitted, request_deserializer=None, response_serializer=handler.response_serializer
+        )

@@ -27,7 +27,7 @@ from lungtf.export import WARMUP_FILE
 from lungtf.serving import handlers
 from lungtf.serving.calls import Call
 from lungtf.serving.config import ModelEntry
-from lungtf.serving.limits import Limits, ServingError
+from lungtf.serving.limits import Admission, Limits, ServingError
 from lungtf.serving.models import ModelManager, Servable
 
 log = logging.getLogger("lungtf.serving")
@@ -161,8 +161,9 @@ def serve(
     """Load the models, serve gRPC until SIGTERM/SIGINT, then stop gracefully.
 
     ``limits`` bound what one request may ask (message size, images per request, bytes per
-    image; ``Limits()`` defaults when ``None``). With ``credentials``
-    (``lungtf.serving.tls.server_credentials``) the port speaks TLS only; plaintext otherwise.
+    image) and the request bytes all calls hold together (``Admission``); ``Limits()`` defaults
+    when ``None``. With ``credentials`` (``lungtf.serving.tls.server_credentials``) the port
+    speaks TLS only; plaintext otherwise.
 
     Prints ``listening on HOST:PORT`` (with the real port when ``port`` is 0) once requests are
     accepted, so a parent process can read where to connect.
@@ -177,6 +178,7 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungtf-rpc"),
         options=grpc_options(limits),
         maximum_concurrent_rpcs=4 * workers,
+        interceptors=[Admission(limits.max_inflight_bytes)],  # bounds all requests by bytes
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(manager, limits), server
