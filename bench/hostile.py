@@ -19,7 +19,11 @@ in its own order:
 - ``oversize_image``: one 17 MiB image; ``oversize_message``: a 70 MiB request;
 - ``not_an_image``, ``gif``: bytes the signature does not decode;
 - ``unknown_version``: a version that does not exist (NOT_FOUND, naming only what was asked);
-- ``abandoned``: 64 good tiles with a 20 ms deadline, so the client gives up mid-work.
+- ``unknown_dtype``: a tile whose tensor declares dtype 9999, a number ``DataType`` lacks;
+- ``abandoned``: 64 good tiles with a 20 ms deadline, so the client gives up mid-work;
+- ``burst``: besides the mix, ``--burst`` (16) requests of ``--burst-mib`` (60 MiB: four
+  15 MiB items that are not images) sent at once one second in, so the in-flight byte budget
+  (``--max-inflight-bytes``) decides how many the server parses together.
 
 It prints per kind the status counts and latency, the server's RSS over time (sampled from
 ``/proc`` every 0.25 s), and exits 1 when a hostile request is answered OK, UNKNOWN or INTERNAL
@@ -27,7 +31,7 @@ It prints per kind the status counts and latency, the server's RSS over time (sa
 RSS reaches ``--max-rss-gib`` (2 GiB).
 
     python bench/hostile.py [--seconds 60] [--clients 8] [--backbone regnet --image-size 224]
-        [--base-path models/lungtf] [--tiles DIR]
+        [--base-path models/lungtf] [--tiles DIR] [--burst 16 --burst-mib 60]
 """
 
 from __future__ import annotations
@@ -103,6 +107,21 @@ def strings(items: list[bytes], declared: list[int] | None = None) -> Any:
     return proto
 
 
+def with_dtype(proto: Any, dtype: int) -> Any:
+    proto.dtype = dtype
+    return proto
+
+
+def burst_request(mib: int) -> bytes:
+    """A serialized request of about ``mib`` MiB: four equal items starting like a JPEG and then
+    zeros (each under the 16 MiB item limit, so the whole request is parsed and converted)."""
+    item = b"\xff\xd8\xff" + bytes(mib * MiB // 4 - 1024)
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = "lungtf"
+    req.inputs["image_bytes"].CopyFrom(strings([item] * 4))
+    return req.SerializeToString()
+
+
 def build_requests(tiles: list[bytes], size: int) -> dict[str, tuple[Any, float]]:
     """``{kind: (PredictRequest, client deadline in seconds)}`` (good ones are drawn per call)."""
 
@@ -139,6 +158,7 @@ def build_requests(tiles: list[bytes], size: int) -> dict[str, tuple[Any, float]
         "not_an_image": (request(image_bytes=strings([os.urandom(5000)])), 60),
         "gif": (request(image_bytes=strings([gif.getvalue()])), 60),
         "unknown_version": (request(version=999, image_bytes=strings(tiles[:1])), 60),
+        "unknown_dtype": (request(image_bytes=with_dtype(strings(tiles[:1]), 9999)), 60),
         "abandoned": (request(image_bytes=strings(tiles[:64])), 0.02),
     }
 
@@ -180,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--good-share", type=float, default=0.5, help="fraction of good requests")
     p.add_argument("--max-rss-gib", type=float, default=2.0, help="fail at this server RSS")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--burst", type=int, default=16, help="concurrent large requests, 1 s in")
+    p.add_argument("--burst-mib", type=int, default=60, help="size of each burst request")
     args = p.parse_args(argv)
     tmp = tempfile.TemporaryDirectory(prefix="lungtf-hostile-")
     if args.base_path is None:
@@ -227,19 +249,30 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 kind = next(turn)
                 req, deadline = hostile[kind]
-            began = time.monotonic()
-            try:
-                stub.Predict(req, timeout=deadline)
-                code, detail = "OK", ""
-            except grpc.RpcError as err:
-                code, detail = err.code().name, err.details() or ""
-            with lock:
-                counts[kind][code] += 1
-                latency[kind].append(time.monotonic() - began)
-                if code not in EXPECTED[kind]:
-                    failures.append(f"{kind}: {code} {detail[:200]}")
+            send(kind, stub.Predict, req, timeout=deadline)
+
+    def send(kind: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        began = time.monotonic()
+        try:
+            call(*args, **kwargs)
+            code, detail = "OK", ""
+        except grpc.RpcError as err:
+            code, detail = err.code().name, err.details() or ""
+        with lock:
+            counts[kind][code] += 1
+            latency[kind].append(time.monotonic() - began)
+            if code not in EXPECTED[kind]:
+                failures.append(f"{kind}: {code} {detail[:200]}")
+
+    big = burst_request(args.burst_mib) if args.burst else b""
+    raw_predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+
+    def burst() -> None:
+        if not stop.wait(1.0):
+            send("burst", raw_predict, big, timeout=120)
 
     threads = [threading.Thread(target=sample)]
+    threads += [threading.Thread(target=burst) for _ in range(args.burst)]
     threads += [threading.Thread(target=client, args=(args.seed + i,)) for i in range(args.clients)]
     for t in threads:
         t.start()
@@ -257,11 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(
         f"dev server over {args.base_path} ({size} px), {args.clients} clients x {args.seconds:.0f} s,"
-        f" {args.workers} workers, tiles from {args.tiles if args.tiles.is_dir() else 'generated'};"
+        f" {args.workers} workers, a burst of {args.burst} x {args.burst_mib} MiB, tiles from {args.tiles if args.tiles.is_dir() else 'generated'};"
         f" {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
     )
     print("\n| kind | answers | p50 s | expected |\n|---|---|---:|---|")
-    for kind in ["good", *sorted(hostile)]:
+    for kind in ["good", *sorted(hostile), *(["burst"] if args.burst else [])]:
         answers = ", ".join(f"{c} {n}" for c, n in sorted(counts[kind].items())) or "none sent"
         p50 = f"{statistics.median(latency[kind]):.2f}" if latency[kind] else ""
         print(f"| {kind} | {answers} | {p50} | {' / '.join(sorted(EXPECTED[kind]))} |")
