@@ -1,6 +1,7 @@
 """lungtf.train end to end on tiny real images: CLI smoke, resume across phases, rules, errors."""
 
 import csv
+import gc
 import json
 import logging
 import os
@@ -16,16 +17,18 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import write_tile
 
 from lungtf.config import ModelConfig, dump_yaml, load_yaml, resolve_run_config
 from lungtf.constants import CLASS_NAMES
 from lungtf.models import build_model, get_spec, list_backbones
+from lungtf.models.portable import dtype_policy
 from lungtf.train import main
 from lungtf.train.callbacks import read_history
 from lungtf.train.cli import _run_dir, build_parser
 from lungtf.train.compare import pick_best, uncertainty_threshold, write_comparison
-from lungtf.train.fit import resolve_weights, train_backbone
+from lungtf.train.fit import release_backbone, resolve_weights, train_backbone
 from lungtf.train.prepare import prepare_splits
 from lungtf.train.rundir import RunLock, claim_new
 from lungtf.train.runtime import choose_preset, runtime
@@ -47,13 +50,40 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-def test_cli_two_backbones_compare_and_package_best(tiny_data, tmp_path):
+def _live(kind: type) -> int:
+    """Objects of ``kind`` that are alive now (found by the garbage collector; no collection)."""
+    return sum(isinstance(o, kind) for o in gc.get_objects())
+
+
+def test_cli_two_backbones_compare_and_package_best(tiny_data, tmp_path, monkeypatch):
+    """Two backbones end to end; each is released before the next is built: when a backbone
+    starts and when the best is packaged, no Keras model or tf.function of a finished backbone is
+    alive (uncollected cycles included), and the release keeps the run's dtype policy."""
+    import lungtf.train.compare
+    import lungtf.train.fit
+
+    live = []  # (keras Models, tf.functions) alive when each backbone starts, then at packaging
+
+    def counting(real):
+        def call(*args, **kwargs):
+            live.append((_live(keras.Model), _live(tf.types.experimental.PolymorphicFunction)))
+            return real(*args, **kwargs)
+
+        return call
+
+    for module, name in ((lungtf.train.fit, "train_backbone"),
+                         (lungtf.train.compare, "finalize_best")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name)))
     argv = [
         "--data", str(tiny_data), "--backbones", "resnet34,regnet:200mf",
         "--image-size", str(SIZE), "--crop-size", "24", "--batch-size", "8", "--scratch-epochs", "1",
         "--weights", "none", "--output", str(tmp_path), "--name", "smoke", "--verbose", "0",
     ]  # fmt: skip
     assert main(argv) == 0
+    assert live[1:] == [live[0]] * 2, live  # on the code before the release: (5, 15) vs (0, 10)
+    with dtype_policy("mixed_bfloat16"):
+        release_backbone("mixed_bfloat16")
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
     (run,) = tmp_path.glob("*-smoke")
     assert {p.name for p in run.iterdir()} >= {
         "config.yaml", "splits.csv", "bad_files.csv", "comparison.csv", "comparison.md", "best",

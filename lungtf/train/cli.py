@@ -281,17 +281,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:
     from lungtf.train.compare import finalize_best, pick_best, write_comparison
-    from lungtf.train.fit import entry_dir, train_backbone
+    from lungtf.train.fit import entry_dir, release_backbone, train_backbone
     from lungtf.train.prepare import prepare_splits
     from lungtf.train.runtime import runtime
 
     log.info("run directory: %s (preset %s)", run_dir, cfg.preset or "none")
     with runtime(cfg.train) as rt:
         splits, protocol = prepare_splits(cfg.data, run_dir)
-        results = [
-            train_backbone(entry, cfg, rt, splits, entry_dir(run_dir, entry), verbose)
-            for entry in cfg.backbones
-        ]
+        results = []
+        for entry in cfg.backbones:
+            results.append(
+                train_backbone(entry, cfg, rt, splits, entry_dir(run_dir, entry), verbose)
+            )
+            release_backbone(rt.precision)  # before the next backbone is built
     best = pick_best(results)
     best_dir = finalize_best(
         run_dir,

@@ -181,6 +181,22 @@ def _save_state(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+def release_backbone(precision: str) -> None:
+    """Free what a finished backbone left behind, before the next backbone is built.
+
+    ``train_backbone`` keeps nothing once it returns (model, training view, optimizer, compiled
+    train/eval functions, callbacks and datasets are its locals), but Keras models live in
+    reference cycles (model and layers, model and its ``tf.function``s) that Python frees only at
+    a full garbage collection, which may come long after the next backbone has allocated its own:
+    memory then grows from backbone to backbone. ``keras.utils.clear_session(free_memory=True)``
+    resets Keras's global state (layer-name counters), TensorFlow's default graph and kernel cache,
+    and collects those cycles now. It also resets the global dtype policy, so the run's
+    ``precision`` is set again.
+    """
+    keras.utils.clear_session(free_memory=True)
+    keras.config.set_dtype_policy(precision)
+
+
 def train_backbone(
     entry: str,
     run: RunConfig,
