@@ -132,3 +132,16 @@ def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder,
     assert main([*flags[:-4], "--seed", "1", *flags[-4:]]) == 2  # other settings refused
     assert "other settings" in caplog.text
 
+    # Killed after the last backup, before the weights were written: the same command restores
+    # the backup (BackupAndRestore), trains no further and writes the same weights.
+    path.unlink()
+    (out / "regnet-200mf.json").unlink()
+    assert main(flags) == 0
+    again = build_model(ModelConfig(backbone="regnet", variant="200mf", weights=str(path),
+                                    image_size=40)).get_layer("backbone")
+    for saved, read in zip(model.backbone.weights, again.weights):
+        np.testing.assert_array_equal(saved.numpy(), read.numpy())
+    # Not trained again (seeded, a retraining could give the same weights): the same epochs,
+    # timings included.
+    assert json.loads((out / "regnet-200mf.json").read_text())["history"] == logged["history"]
+
