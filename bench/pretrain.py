@@ -30,8 +30,10 @@ The real one::
     python bench/pretrain.py [--data ../shared/data/lc25000-lung-224] [--out runs/bench-pretrain]
 
 One split and one seed per arm: with ~30 test source tiles, an interval that includes 0 means no
-effect was shown. For a cross-validated answer, run ``bench/cv.py`` per fold with a pretraining
-made from that fold's training split only.
+effect was shown. A cross-validated answer needs one pretraining per fold, on that fold's
+training split only (``--splits <results>/folds/fold<i>.csv --split train``, the folds
+``bench/cv.py`` writes); ``bench/cv.py`` takes one flags string for every fold, so it cannot pass
+a per-fold ``--weights`` file yet.
 """
 
 from __future__ import annotations
