@@ -8,6 +8,7 @@ Modules:
     callbacks: resumable history, phase-aware backup, best checkpoint, throughput, curves.
     compare: comparison table, best-model rule, ``best/`` packaging and uncertainty threshold.
     runtime: GPU detection, preset choice, mixed precision, XLA and distribution strategy.
+    multiworker: roles from TF_CONFIG, worker directories, agreement with the chief.
 """
 
 from lungtf.train.cli import main

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 
 import keras
 
+from lungtf.train.multiworker import SyncStatistics, bytes_from_chief, variables_from_chief
 from lungtf.train.rundir import atomic_path, write_csv, write_text
+
+log = logging.getLogger("lungtf.train")
 
 MONITOR = "val_accuracy"
 """The validation metric that picks the best checkpoint and drives early stopping."""
@@ -65,6 +69,11 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
     Each backup writes the weights to a new file named after its epoch, then replaces
     ``training_metadata.json`` (which names that file), then deletes older weights: whenever
     the process dies, the metadata names a complete weights file of the same epoch.
+
+    With several workers every worker writes its backups (in its own directory) but only the
+    chief's are read: on restore the chief's epoch is taken and its restored weights and
+    optimizer state are copied to every worker (``lungtf.train.multiworker``), so the workers
+    continue in step whichever of them died.
     """
 
     def __init__(self, backup_dir: str | Path):
@@ -89,12 +98,21 @@ class PhaseBackup(keras.callbacks.BackupAndRestore):
         metadata = Path(self._training_metadata_path)
         state = json.loads(metadata.read_text()) if metadata.is_file() else {}
         weights = Path(self.backup_dir) / state.get("weights", "latest.weights.h5")  # or Keras's
-        if weights.is_file():
-            if self.model.optimizer is not None and not self.model.optimizer.built:
-                self.model.optimizer.build(self.model.trainable_variables)
-            self.model.load_weights(weights)
-        if "epoch" in state:
-            self.model._initial_epoch = state["epoch"]
+        strategy = self.model.distribute_strategy
+        chief = json.dumps([weights.is_file(), state.get("epoch")]).encode()
+        restore, epoch = json.loads(bytes_from_chief(strategy, chief))  # the chief's backup rules
+        if restore:
+            optimizer = self.model.optimizer
+            if optimizer is not None and not optimizer.built:
+                optimizer.build(self.model.trainable_variables)
+            if strategy.extended.should_checkpoint:
+                self.model.load_weights(weights)
+            variables_from_chief(
+                strategy, self.model.variables + (optimizer.variables if optimizer else [])
+            )
+        if epoch is not None:
+            self.model._initial_epoch = epoch
+            log.info("%s: backup restored, %d epoch(s) done", self.backup_dir, epoch)
 
 
 class InnerCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -102,8 +120,9 @@ class InnerCheckpoint(keras.callbacks.ModelCheckpoint):
 
     ``inner`` differs from the model being fitted when augmentation runs inside the training
     step. The bar to beat starts at the best value already in the history (read when the first
-    epoch begins, after the history dropped the epochs about to be trained again), so a restart
-    never overwrites a better checkpoint. The file is saved beside the old one and renamed over
+    epoch begins, after the history dropped the epochs about to be trained again) when the
+    checkpoint exists, so a restart never overwrites a better checkpoint; with several workers,
+    at the chief's bar. The file is saved beside the old one and renamed over
     it, so a kill during the save leaves the previous best.
     """
 
@@ -115,9 +134,11 @@ class InnerCheckpoint(keras.callbacks.ModelCheckpoint):
         super().set_model(self._inner)
 
     def on_epoch_begin(self, epoch, logs=None):
-        if not self._primed:
+        if not self._primed:  # no checkpoint yet: the first epoch of this run must write one
             self._primed = True
-            self.best = best_so_far(self._history_csv)
+            best = best_so_far(self._history_csv) if Path(self.filepath).is_file() else None
+            chief = bytes_from_chief(self.model.distribute_strategy, json.dumps(best).encode())
+            self.best = json.loads(chief)  # workers save when the chief does
         super().on_epoch_begin(epoch, logs)
 
     def _save_model(self, epoch, batch, logs):
@@ -201,7 +222,9 @@ def make_callbacks(
     (its row is then replaced) instead of losing its row. With ``ema`` (an optimizer with
     ``use_ema``), ``SwapEMA`` comes after the backup, which must hold the raw weights and the
     optimizer's averages as they are to resume, and before the best checkpoint, which saves the
-    averaged weights; early stopping comes before it, so it can keep the averages.
+    averaged weights; early stopping comes before it, so it can keep the averages. With several
+    workers the BatchNorm statistics are averaged first (``multiworker.SyncStatistics``), so
+    every file holds the weights all workers share.
     """
     stopping = []
     if patience:
@@ -209,6 +232,7 @@ def make_callbacks(
             keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience)
         )
     callbacks = [
+        SyncStatistics(),
         ResumableCSVLogger(out_dir / "history.csv"),
         PhaseBackup(out_dir / "backup" / phase),
         *(stopping + [SwapEMA()] if ema else []),

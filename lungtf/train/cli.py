@@ -244,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, train and compare every backbone, package the best; returns 0 on success."""
     args = build_parser().parse_args(argv)
     _setup_logging()
+    from lungtf.train.multiworker import worker_role
     from lungtf.train.runtime import choose_preset
 
-    if args.resume:
+    if args.resume and not _follower_without(Path(args.resume) / "config.yaml"):
         run_dir = Path(args.resume)
         cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
         log.info("resuming %s with its own config.yaml (other flags ignored)", run_dir)
@@ -255,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate()
     if not args.resume:
         cfg = _with_found_data(cfg)
+    role = worker_role(cfg.train.distribution)
+    if role is not None and not role.chief:
+        return _follow_chief(cfg, role, args.verbose)
     try:
         run_dir, lock = (run_dir, RunLock.acquire(run_dir)) if args.resume else _run_dir(cfg, args)
     except RunDirBusy as err:
@@ -279,21 +283,54 @@ def main(argv: list[str] | None = None) -> int:
         lock.release()
 
 
+def _follower_without(config: Path) -> bool:
+    """Whether this is a non-chief worker that cannot read ``config`` (``--resume`` on another
+    machine than the chief's): it then resolves its flags and trains with the chief's config."""
+    from lungtf.train.multiworker import worker_role
+
+    role = worker_role("multiworker")
+    return role is not None and not role.chief and not config.is_file()
+
+
+def _follow_chief(cfg: RunConfig, role, verbose: int) -> int:
+    """Train as a non-chief worker, in a worker directory removed at the end
+    (``lungtf.train.multiworker``); the chief writes the run directory."""
+    from lungtf.train.multiworker import claim_worker_dir, remove_worker_dir
+
+    try:
+        work, lock = claim_worker_dir(cfg.output, cfg.name, role)
+    except RunDirBusy as err:
+        log.error("%s", err)
+        return 3
+    log.info("%s of a multi-worker run: the chief writes the run directory", role.name)
+    try:
+        return _train_all(cfg, work, verbose)
+    finally:
+        remove_worker_dir(work, lock)
+
+
 def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:
     from lungtf.train.compare import finalize_best, pick_best, write_comparison
     from lungtf.train.fit import entry_dir, release_backbone, train_backbone
+    from lungtf.train.multiworker import barrier, chief_config, mirror_from_chief
     from lungtf.train.prepare import prepare_splits
     from lungtf.train.runtime import runtime
 
     log.info("run directory: %s (preset %s)", run_dir, cfg.preset or "none")
     with runtime(cfg.train) as rt:
-        splits, protocol = prepare_splits(cfg.data, run_dir)
+        cfg = chief_config(rt.strategy, cfg)  # every worker trains with the chief's
+        splits = prepare_splits(cfg.data, run_dir) if rt.chief else None
+        mirror_from_chief(rt.strategy, run_dir, ["splits.csv"])  # and on the chief's split
+        splits, protocol = splits or prepare_splits(cfg.data, run_dir)
         results = []
         for entry in cfg.backbones:
             results.append(
                 train_backbone(entry, cfg, rt, splits, entry_dir(run_dir, entry), verbose)
             )
             release_backbone(rt.precision)  # before the next backbone is built
+    if not rt.chief:
+        barrier(rt.strategy)  # until the chief has packaged the run: the workers end together
+        return 0
     best = pick_best(results)
     best_dir = finalize_best(
         run_dir,
@@ -306,4 +343,5 @@ def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:
     )
     write_comparison(results, run_dir, protocol, best)
     log.info("comparison: %s; best model: %s", run_dir / "comparison.md", best_dir)
+    barrier(rt.strategy)
     return 0

@@ -38,6 +38,7 @@ from lungtf.models import (
 from lungtf.train.callbacks import Throughput, make_callbacks, plot_curves, read_history
 from lungtf.train.compare import evaluate_records
 from lungtf.train.lr_find import lr_find
+from lungtf.train.multiworker import bytes_from_chief, check_in_sync, mirror_from_chief
 from lungtf.train.runtime import Runtime
 from lungtf.weight_sources import weights_for
 
@@ -222,8 +223,11 @@ def train_backbone(
         ``weights_note`` (why they differ, else ``None``), ``lr``, ``epochs``, ``val_accuracy``,
         ``val_loss``, ``missed_cancers``, ``benign_called_cancer``, ``val_n``, ``params``,
         ``wall_time_s``, ``train_img_per_s`` (also written to ``out_dir/result.json``, which marks it done).
+        A non-chief worker of a multi-worker run returns ``{}`` after training (the chief
+        evaluates); its ``out_dir`` holds the chief's state files (``multiworker.CHIEF_STATE``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    mirror_from_chief(rt.strategy, out_dir)  # non-chief workers follow the chief's state
     if (out_dir / "result.json").is_file():
         log.info("%s: already trained (result.json), skipped", entry)
         return json.loads((out_dir / "result.json").read_text())
@@ -277,7 +281,7 @@ def train_backbone(
         found = lr_find(
             fitted, train_ds, steps=run.train.lr_find_steps, png=out_dir / "lr_find.png"
         )
-        lr = found.suggestion
+        lr = float(bytes_from_chief(rt.strategy, repr(float(found.suggestion)).encode()))
         log.info("%s: lr_find suggests %.2e (plot: %s)", entry, lr, out_dir / "lr_find.png")
     state["lr"] = lr
     _save_state(state_path, state)
@@ -332,6 +336,9 @@ def train_backbone(
             timed += [c for c in callbacks if isinstance(c, Throughput)]
             _save_state(state_path, state)
 
+    check_in_sync(rt.strategy, model, entry)
+    if not rt.chief:
+        return {}
     best = keras.models.load_model(out_dir / "best.keras", compile=False)
     val = evaluate_records(best, splits["val"], d.image_size, d.batch_size)
     seconds = sum(sum(t.epoch_seconds[1:] or t.epoch_seconds) for t in timed)

@@ -86,10 +86,14 @@ def make_strategy(kind: str, gpus: int) -> tf.distribute.Strategy:
     ``auto`` picks ``MultiWorkerMirroredStrategy`` when ``TF_CONFIG`` is set, ``MirroredStrategy``
     over every visible GPU when there are two or more, else the default (single-device) strategy.
     ``mirrored`` without GPUs mirrors over the logical CPU devices (how it is tested on CPU).
+    ``multiworker`` reads the cluster from ``TF_CONFIG`` (``lungtf.train.multiworker``).
     """
     if kind == AUTO:
         kind = "multiworker" if os.environ.get("TF_CONFIG") else "mirrored" if gpus > 1 else "none"
     if kind == "multiworker":
+        from lungtf.train.multiworker import patch_keras
+
+        patch_keras()  # Keras 3's trainer fails with several workers without it
         return tf.distribute.MultiWorkerMirroredStrategy()
     if kind == "mirrored":
         if gpus:
@@ -124,6 +128,12 @@ class Runtime:
     def replicas(self) -> int:
         """Replicas the global batch is split over."""
         return self.strategy.num_replicas_in_sync
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process writes the run directory: always, except on the non-chief
+        workers of a multi-worker run (``lungtf.train.multiworker``)."""
+        return self.strategy.extended.should_checkpoint
 
 
 @contextlib.contextmanager
