@@ -173,13 +173,14 @@ def rss_bytes(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
-def start_server(source: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    """The dev server on a free loopback port, default limits, serving ``source`` (a model base
-    path, or a ModelServerConfig file); returns it and ``HOST:PORT``."""
+def start_server(source: Path, workers: int, *flags: str) -> tuple[subprocess.Popen, str]:
+    """The dev server on a free loopback port, default limits unless ``flags`` change them,
+    serving ``source`` (a model base path, or a ModelServerConfig file); returns it and
+    ``HOST:PORT``."""
     flag = "--config" if source.is_file() else "--model-base-path"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lungtf.serving", "serve", flag, str(source),
-         "--port", "0", "--workers", str(workers)],
+         "--port", "0", "--workers", str(workers), *flags],
         stdout=subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     for line in proc.stdout:
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--burst", type=int, default=16, help="concurrent large requests, 1 s in")
     p.add_argument("--burst-mib", type=int, default=60, help="size of each burst request")
+    p.add_argument("--max-inflight-bytes", type=int, help="the server's flag (default: its own)")
     args = p.parse_args(argv)
     tmp = tempfile.TemporaryDirectory(prefix="lungtf-hostile-")
     if args.base_path is None:
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     size = args.image_size
     tiles = load_tiles(args.tiles, 64)
     hostile = build_requests(tiles, size)
-    proc, target = start_server(args.base_path, args.workers)
+    budget = [] if args.max_inflight_bytes is None else ["--max-inflight-bytes", str(args.max_inflight_bytes)]
+    proc, target = start_server(args.base_path, args.workers, *budget)
     options = [("grpc.max_receive_message_length", 64 * MiB)]
     channel = grpc.insecure_channel(target, options=options)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(
         f"dev server over {args.base_path} ({size} px), {args.clients} clients x {args.seconds:.0f} s,"
-        f" {args.workers} workers, a burst of {args.burst} x {args.burst_mib} MiB, tiles from {args.tiles if args.tiles.is_dir() else 'generated'};"
+        f" {args.workers} workers, --max-inflight-bytes {args.max_inflight_bytes or 'default'},"
+        f" a burst of {args.burst} x {args.burst_mib} MiB, tiles from {args.tiles if args.tiles.is_dir() else 'generated'};"
         f" {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
     )
     print("\n| kind | answers | p50 s | expected |\n|---|---|---:|---|")

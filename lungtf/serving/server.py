@@ -34,11 +34,33 @@ log = logging.getLogger("lungtf.serving")
 
 def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     """gRPC server options: the message limit in both directions (gRPC answers
-    RESOURCE_EXHAUSTED above it, before the handler sees the request)."""
+    RESOURCE_EXHAUSTED above it, before the handler sees the request), and HTTP/2 flow control
+    without window growth (no BDP probe, 64 KiB per stream), so calls queued behind busy workers
+    leave their messages with the client instead of in the server's transport buffers."""
     return [
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 65536),
     ]
+
+
+def return_large_frees_to_memory() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own and unmap it when freed.
+
+    By default glibc raises its mmap threshold after such a free (up to 32 MiB), so the next
+    request-sized buffers come from per-thread heaps that keep them after they are freed: the
+    server's memory then grows to the sum of each worker's largest request, not to what is in
+    use. Without glibc (``mallopt`` missing) this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD: fixed, so never raised again
+    except (OSError, AttributeError):
+        pass
 
 
 def replay_warmup(servable: Servable) -> int:
@@ -172,6 +194,7 @@ def serve(
         The process exit code (0 after a graceful stop).
     """
     limits = limits or Limits()
+    return_large_frees_to_memory()
     manager = ModelManager(entries, on_load=replay_warmup)
     manager.poll(initial=True)
     server = grpc.server(
