@@ -1,5 +1,6 @@
 """lungtf.export: signatures read from saved_model.pb, outputs equal to Keras, warmup, versioning,
-and a portable graph (float32, no XLA-must-compile function) from mixed-precision/GPU builds."""
+a portable graph (float32, no XLA-must-compile function) from mixed-precision/GPU builds, and the
+``explain`` signatures equal to ``lungtf.evaluate.gradcam`` for every registered backbone."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from conftest import png_bomb
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
+from test_models import HARNESS_VARIANT
+from test_models import SIZE as HARNESS_SIZE
 
 from lungtf import export
 from lungtf.config import ModelConfig
@@ -24,13 +27,16 @@ from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES
 from lungtf.data.hostile import png_header
 from lungtf.data.ingest import Record
 from lungtf.data.pipeline import make_dataset
-from lungtf.models import build_model
+from lungtf.evaluate import gradcam
+from lungtf.evaluate.calibration import apply_temperature
+from lungtf.models import build_model, list_backbones
 from lungtf.models.portable import dtype_policy, portable_copy
 from lungtf.models.regnet import GroupedConv2D
 from lungtf.serving.models import load_servable
 from lungtf.serving.server import replay_warmup
 
 SIZE = 32
+EXPLAIN_SIGNATURES = ("explain", "explain_class")
 HALF_TYPES = {tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum}
 
 
@@ -104,8 +110,9 @@ def exported(tiny_model: keras.Model, tmp_path_factory: pytest.TempPathFactory) 
 def test_signatures_read_from_saved_model_pb(exported: Path) -> None:
     saved = saved_model_pb2.SavedModel.FromString((exported / "saved_model.pb").read_bytes())
     defs = saved.meta_graphs[0].signature_def
-    assert {"serving_default", "predict_pixels", "metadata"} <= set(defs)
-    for key in ("serving_default", "predict_pixels", "metadata"):
+    keys = ("serving_default", "predict_pixels", "metadata", *EXPLAIN_SIGNATURES)
+    assert set(keys) <= set(defs)
+    for key in keys:
         assert defs[key].method_name == "tensorflow/serving/predict"
     assert {k: v.dtype for k, v in defs["serving_default"].inputs.items()} == {
         "image_bytes": tf.string.as_datatype_enum
@@ -124,6 +131,19 @@ def test_signatures_read_from_saved_model_pb(exported: Path) -> None:
         "json": tf.string.as_datatype_enum
     }
     assert dict(defs["metadata"].inputs) == {}
+    assert {k: v.dtype for k, v in defs["explain_class"].inputs.items()} == {
+        "image_bytes": tf.string.as_datatype_enum, "class_id": tf.int64.as_datatype_enum
+    }
+    assert list(defs["explain"].inputs) == ["image_bytes"]
+    for key in EXPLAIN_SIGNATURES:
+        outs = defs[key].outputs
+        assert {k: v.dtype for k, v in outs.items()} == {
+            "probabilities": tf.float32.as_datatype_enum,
+            "class_id": tf.int64.as_datatype_enum,
+            "heatmap": tf.float32.as_datatype_enum,
+        }
+        # the tiny model's "backbone" is one stride-2 convolution: a 15 x 15 map at 32 px
+        assert [d.size for d in outs["heatmap"].tensor_shape.dim] == [-1, 15, 15]
 
 
 def test_reloaded_savedmodel_equals_keras(tiny_model: keras.Model, exported: Path) -> None:
@@ -169,12 +189,18 @@ def test_metadata_signature_and_asset(exported: Path) -> None:
 
 def test_temperature_scales_probabilities(tiny_model: keras.Model, tmp_path: Path) -> None:
     out = export.export_model(tiny_model, tmp_path, {"temperature": 2.0})
-    pixels = export.decode_and_resize(tf.constant(jpeg_tiles(3)), SIZE)
+    tiles = tf.constant(jpeg_tiles(3))
+    pixels = export.decode_and_resize(tiles, SIZE)
     probs = tiny_model(pixels, training=False).numpy()
     scaled = tf.nn.softmax(np.log(probs) / 2.0).numpy()
-    got = tf.saved_model.load(str(out)).signatures["predict_pixels"](pixels=pixels)
+    signatures = tf.saved_model.load(str(out)).signatures
+    got = signatures["predict_pixels"](pixels=pixels)
     np.testing.assert_allclose(got["probabilities"].numpy(), scaled, atol=1e-5)
     assert not np.allclose(scaled, probs, atol=1e-3)
+    served = signatures["serving_default"](image_bytes=tiles)
+    explained = signatures["explain"](image_bytes=tiles)  # calibrated as serving_default is
+    np.testing.assert_allclose(explained["probabilities"], served["probabilities"], atol=1e-6)
+    np.testing.assert_array_equal(explained["class_id"], served["class_id"])
 
 
 def test_warmup_records_parse_and_replay(exported: Path) -> None:
@@ -187,9 +213,11 @@ def test_warmup_records_parse_and_replay(exported: Path) -> None:
         "serving_default",
         "serving_default",
         "predict_pixels",
+        *EXPLAIN_SIGNATURES,
     ]
     assert tf.make_ndarray(logs[1].predict_log.request.inputs["image_bytes"]).shape == (3,)
-    assert replay_warmup(load_servable("lungtf", 1, exported)) == 3
+    assert tf.make_ndarray(logs[4].predict_log.request.inputs["class_id"]).dtype == np.int64
+    assert replay_warmup(load_servable("lungtf", 1, exported)) == 5
 
 
 def test_versions_are_atomic_and_sequential(tiny_model: keras.Model, tmp_path: Path) -> None:
@@ -256,6 +284,18 @@ def test_signatures_refuse_hostile_batches_before_decoding(exported: Path) -> No
         assert time.monotonic() - start < 2, case  # refused from the headers
     with pytest.raises(tf.errors.InvalidArgumentError, match="a batch of 65 images"):
         pixels(pixels=tf.zeros([MAX_BATCH_IMAGES + 1, SIZE, SIZE, 3]))
+    explain, explain_class = (signatures[key] for key in EXPLAIN_SIGNATURES)
+    for batch, message in refused.values():  # the same checked decode path
+        with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+            explain(image_bytes=tf.constant(batch))
+    bad_ids = {
+        "one id for two images": ([0], "class_id holds 1 ids for 2 images"),
+        "unknown class": ([0, 3], "class_id [0 3] out of range; ids are 0-2 for lung_aca"),
+        "negative": ([-1, 0], "class_id [-1 0] out of range"),
+    }
+    for case, (ids, message) in bad_ids.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+            explain_class(image_bytes=tf.constant([tile] * 2), class_id=tf.constant(ids, tf.int64))
     assert serve(image_bytes=tf.constant([tile] * MAX_BATCH_IMAGES))["class_id"].shape == (64,)
     assert serve(image_bytes=tf.constant([png_bomb(4096)]))["class_id"].shape == (1,)  # at the cap
 
@@ -276,22 +316,39 @@ def test_an_overflowing_png_header_cannot_lower_the_batch_pixel_budget(exported:
         serve(image_bytes=tf.constant([jpeg_tiles(1)[0], png_header(0, 16)]))
 
 
-@pytest.mark.parametrize("backbone", ["resnet50d", "efficientnetv2_rw_t"])
-def test_kerashub_backbones_export_and_serve_like_keras(backbone: str, tmp_path: Path) -> None:
-    """The KerasHub backbones' layers trace into a SavedModel that serves what Keras computes."""
-    from lungtf.config import ModelConfig
-    from lungtf.models import build_model
-
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_every_backbone_serves_keras_probabilities_and_gradcam(backbone: str, tmp_path) -> None:
+    """Round trip of every registered backbone (untrained, 64 px, calibrated): the SavedModel's
+    ``serving_default`` answers what Keras computes, and its ``explain`` / ``explain_class``
+    heatmaps are ``lungtf.evaluate.gradcam``'s on the same model and tiles."""
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, weights="none", image_size=SIZE))
-    version = export.export_model(model, tmp_path / "lungtf", {"split_protocol": "grouped"})
-    servable = load_servable("lungtf", 1, version)
-    assert set(servable.signature_defs) >= {"serving_default", "predict_pixels", "metadata"}
-    tiles = jpeg_tiles(2)
-    pixels = export.decode_and_resize(tf.constant(tiles), SIZE)
-    expected = model(pixels, training=False).numpy()
-    served = servable.function("serving_default")(image_bytes=tf.constant(tiles))
-    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    cfg = ModelConfig(backbone=backbone, variant=HARNESS_VARIANT.get(backbone), weights="none",
+                      image_size=HARNESS_SIZE)  # fmt: skip
+    model = build_model(cfg)
+    version = export.export_model(model, tmp_path / "lungtf", {"temperature": 1.5})
+    signatures = load_servable("lungtf", 1, version).function
+    tiles = tf.constant(jpeg_tiles(2))
+    pixels = export.decode_and_resize(tiles, HARNESS_SIZE)
+    expected = apply_temperature(model(pixels, training=False).numpy(), 1.5)
+    served = signatures("serving_default")(image_bytes=tiles)
+    np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
+
+    explained = signatures("explain")(image_bytes=tiles)
+    heat, ids, _ = gradcam.gradcam(model, pixels)
+    features = model.get_layer("backbone")(model.get_layer("preprocess")(pixels))
+    assert explained["heatmap"].shape == (2, *features.shape[1:3])
+    np.testing.assert_allclose(explained["heatmap"], heat, atol=1e-4, rtol=0)
+    assert heat.max() == 1.0  # not a blank map
+    np.testing.assert_array_equal(explained["class_id"], ids)
+    np.testing.assert_array_equal(explained["class_id"], served["class_id"])
+    np.testing.assert_allclose(explained["probabilities"], served["probabilities"], atol=1e-6)
+
+    others = (ids + 1) % 3  # explain a class the model did not predict
+    by_class = signatures("explain_class")(image_bytes=tiles, class_id=tf.constant(others))
+    other_heat, _, _ = gradcam.gradcam(model, pixels, class_ids=others)
+    np.testing.assert_allclose(by_class["heatmap"], other_heat, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(by_class["class_id"], others)
+    np.testing.assert_allclose(by_class["probabilities"], served["probabilities"], atol=1e-6)
 
 
 def grouped_regnet(policy: str, size: int = SIZE) -> keras.Model:
