@@ -350,6 +350,57 @@ def test_metadata_and_status(live: dict) -> None:
     ]
 
 
+def test_explain_is_served_like_serving_default(live: dict) -> None:
+    """``explain`` / ``explain_class`` over gRPC: int64 ``class_id`` in and out, the ``[N, h, w]``
+    heatmap as the SavedModel computes it, and serving_default's error codes."""
+    tiles = np.array(jpeg_tiles(2), dtype=object)
+    served = live["predict"].Predict(good(), timeout=60)
+    explained = live["predict"].Predict(request(signature="explain", image_bytes=tiles), timeout=60)
+    assert explained.model_spec.signature_name == "explain"
+    out = {k: tf.make_ndarray(v) for k, v in explained.outputs.items()}
+    assert set(out) == {"probabilities", "class_id", "heatmap"}
+    assert out["heatmap"].dtype == np.float32 and out["heatmap"].shape == (2, 15, 15)
+    assert 0 <= out["heatmap"].min() and out["heatmap"].max() <= 1
+    np.testing.assert_allclose(
+        out["probabilities"], tf.make_ndarray(served.outputs["probabilities"]), atol=1e-6
+    )
+    assert out["class_id"].dtype == np.int64
+    np.testing.assert_array_equal(out["class_id"], tf.make_ndarray(served.outputs["class_id"]))
+    local = tf.saved_model.load(str(live["base"] / "1")).signatures
+    np.testing.assert_allclose(
+        out["heatmap"], local["explain"](image_bytes=tf.constant(list(tiles)))["heatmap"], atol=1e-6
+    )
+    ids = np.array([2, 0], np.int64)
+    by_class = live["predict"].Predict(
+        request(signature="explain_class", image_bytes=tiles, class_id=ids), timeout=60
+    )
+    np.testing.assert_array_equal(tf.make_ndarray(by_class.outputs["class_id"]), ids)
+    expected = local["explain_class"](image_bytes=tf.constant(list(tiles)), class_id=ids)
+    np.testing.assert_allclose(
+        tf.make_ndarray(by_class.outputs["heatmap"]), expected["heatmap"], atol=1e-6
+    )
+    refused = {
+        "undecodable": (request(signature="explain", image_bytes=UNDECODABLE),
+                        "image_bytes string [2] of [12, 3] bytes"),
+        "class out of range": (
+            request(signature="explain_class", image_bytes=tiles, class_id=np.array([0, 3])),
+            "out of range; ids are 0-2"),
+        "int32 class id": (
+            request(signature="explain_class", image_bytes=tiles,
+                    class_id=np.array([0, 1], np.int32)),
+            "Expects arg['class_id'] to be int64 but int32 is provided"),
+        "no class id": (request(signature="explain_class", image_bytes=tiles),
+                        "Missing but required: ['class_id']"),
+        "empty batch": (request(signature="explain", image_bytes=np.array([], dtype=object)),
+                        "empty batch"),
+    }  # fmt: skip
+    for case, (req, message) in refused.items():
+        with pytest.raises(grpc.RpcError) as err:
+            live["predict"].Predict(req, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+        assert message in err.value.details(), (case, err.value.details())
+
+
 def test_hot_swap_never_fails_in_flight_requests(live: dict) -> None:
     errors: list[str] = []
     seen: set[int] = set()
