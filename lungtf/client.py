@@ -65,6 +65,20 @@ class Prediction:
     probabilities: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """The ``explain`` signature's answer for one image.
+
+    Attributes:
+        prediction: the same prediction ``serving_default`` gives.
+        heatmap: float32 ``[h, w]`` in [0, 1], the Grad-CAM of the predicted class (draw it with
+            ``lungtf.overlay.overlay``).
+    """
+
+    prediction: Prediction
+    heatmap: Any
+
+
 class LungClientError(Exception):
     """A call the server answered with a non-OK status (or that timed out).
 
@@ -293,6 +307,28 @@ class LungClient:
             out.extend(self.predict_bytes(batch))
             if progress is not None:
                 progress(len(out))
+        return out
+
+    def explain(self, images: Iterable[Any]) -> list[Explanation]:
+        """Predictions with their Grad-CAM heatmaps from the ``explain`` signature, in order,
+        batched as ``predict`` batches.
+
+        Raises:
+            LungClientError: when the server answers with an error status (FAILED_PRECONDITION
+                naming the signatures when the served version has no ``explain``; check first
+                with ``signatures``).
+        """
+        encoded = [encode_image(img) for img in images]
+        out: list[Explanation] = []
+        for batch in split_batches(
+            encoded, self.max_batch_bytes, self.max_batch_images, MAX_BATCH_PIXELS
+        ):
+            request = self._request("explain")
+            request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+            response = self._call(self._predict.Predict, request)
+            heatmaps = tf.make_ndarray(response.outputs["heatmap"])
+            predictions = parse_predictions(response, len(batch))
+            out.extend(Explanation(p, h) for p, h in zip(predictions, heatmaps))
         return out
 
     def metadata(self) -> dict[str, Any]:

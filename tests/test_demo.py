@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -30,11 +31,12 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 from test_serving import launch, wait_ready
 
-from lungtf import demo, export
+from lungtf import demo, demo_evidence, export
 from lungtf.client import LungClient, LungClientError, Prediction
 from lungtf.config import ModelConfig
 from lungtf.constants import CLASS_NAMES
 from lungtf.models import build_model
+from lungtf.overlay import overlay
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -482,7 +484,22 @@ def overlay_in(block: str) -> Image.Image | None:
     return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
 
 
-PROBS = 'class="lungtf-prob">'
+def probabilities_in(page: str) -> list[str]:
+    """The probabilities a results page shows, in order."""
+    return re.findall(r'class="lungtf-prob">([^<]*)<', page)
+
+
+def test_backend_with_explain_draws_the_served_heatmap(live: dict) -> None:
+    backend, tile = live["backend"], live["tile"]
+    assert backend.evidence() == (True, "")
+    page, _ = backend.classify([str(tile), str(live["broken"])], evidence=True)
+    plain, _ = backend.classify([str(tile)])
+    assert len(probabilities_in(page)) == 3 and probabilities_in(page) == probabilities_in(plain)
+    good, broken = page.split('data-name="broken.jpeg"')
+    drawn = overlay_in(good)
+    assert drawn is not None and drawn.size == (demo_evidence.OVERLAY_SIZE,) * 2
+    np.testing.assert_array_equal(np.asarray(drawn), np.asarray(served_overlay(live["target"], tile)))
+    assert overlay_in(broken) is None and "INVALID_ARGUMENT" in broken
 
 
 def test_backend_without_explain_hides_evidence_and_says_why(live: dict) -> None:
@@ -494,8 +511,47 @@ def test_backend_without_explain_hides_evidence_and_says_why(live: dict) -> None
     page, _ = legacy.classify([str(live["tile"])], evidence=True)
     plain, _ = live["backend"].classify([str(live["tile"])])
     assert overlay_in(page) is None and "no `explain` signature" in page
-    assert page.split(PROBS)[1:] and page.split(PROBS)[1:4] == plain.split(PROBS)[1:4]
+    assert len(probabilities_in(page)) == 3 and probabilities_in(page) == probabilities_in(plain)
     legacy.client.close()
+
+
+def served_overlay(target: str, path: Path) -> Image.Image:
+    """The overlay drawn from a direct ``explain`` call, as the page should show it."""
+    client = LungClient(target)
+    (answer,) = client.explain([path])
+    client.close()
+    label = demo_evidence.overlay_label(answer.prediction)
+    return overlay(path, answer.heatmap, label, size=demo_evidence.OVERLAY_SIZE)
+
+
+def test_browser_evidence_toggle_shows_the_overlay(live: dict, browser, artifacts_dir: Path) -> None:
+    open_page(browser, live["url"], artifacts_dir)
+    toggle = wait_until(
+        browser,
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "#lungtf-evidence input[type=checkbox]")),
+        "the evidence toggle",
+        artifacts_dir,
+    )
+    upload(browser, live["tile"])
+    name = live["tile"].name
+    expected = direct_probabilities(live["target"], live["tile"])[1]
+    assert shown_probabilities(browser, name, artifacts_dir) == expected
+    css = f'#lungtf-results [data-name="{name}"] img.lungtf-overlay'
+    assert not browser.find_elements(By.CSS_SELECTOR, css)
+    toggle.click()
+    img = wait_until(
+        browser, ec.visibility_of_element_located((By.CSS_SELECTOR, css)), "the overlay",
+        artifacts_dir,
+    )  # fmt: skip
+    assert img.size["width"] >= 100 and img.location["x"] > browser.find_element(
+        By.CSS_SELECTOR, f'#lungtf-results [data-name="{name}"] .lungtf-body'
+    ).location["x"]  # beside the probabilities, to their right
+    drawn = Image.open(io.BytesIO(base64.b64decode(img.get_attribute("src").split(",", 1)[1])))
+    np.testing.assert_array_equal(
+        np.asarray(drawn.convert("RGB")), np.asarray(served_overlay(live["target"], live["tile"]))
+    )
+    assert shown_probabilities(browser, name, artifacts_dir) == expected
+    browser.save_screenshot(str(artifacts_dir / "demo_evidence.png"))
 
 
 def test_browser_hides_the_toggle_without_explain(live: dict, browser, artifacts_dir: Path) -> None:
