@@ -18,6 +18,7 @@ import nbformat
 import pytest
 from conftest import SHARED_DATA
 from nbclient import NotebookClient
+from PIL import Image
 from test_serving import launch, wait_ready
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -121,3 +122,10 @@ def test_03_serving_client(tiny_run, dev_server, tmp_path, monkeypatch, artifact
     for cls in ("lung_aca", "lung_n", "lung_scc"):
         assert f"| {cls}0.jpeg | {cls} |" in text
     assert (tmp_path / "served_predictions.png").stat().st_size > 1000
+    # overlays from the explain signature: one grid of the tiles asked, one misclassified tile
+    assert "has no `explain` signature" not in text
+    assert (tmp_path / "served_evidence.png").stat().st_size > 1000
+    if "No misclassified tile among the 60 tiles asked." not in text:
+        assert "Misclassified: **" in text and " of 60 tiles asked were wrong" in text
+        assert Image.open(tmp_path / "misclassified_evidence.png").size == (224, 224)
+    assert images_shown(nb) == 2 + ("Misclassified: **" in text)
