@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from lungtf.client import LungClient, LungClientError, Prediction
+from lungtf.export import EXPLAIN_SIGNATURE
 from lungtf.overlay import overlay_png
 
-EXPLAIN_SIGNATURE = "explain"
 OVERLAY_SIZE = 160
 """Side in pixels of the overlay the page shows beside the bars."""
 
