@@ -13,6 +13,7 @@ Command line::
 
     python -m lungtf.client predict --target HOST:PORT FILES_OR_FOLDERS [--out preds.csv]
     python -m lungtf.client status --target HOST:PORT
+    python -m lungtf.client explain --target HOST:PORT FILES_OR_FOLDERS --out DIR
         [--tls-ca ca.pem] [--tls-cert client.pem --tls-key client.key]
 
 With ``--tls-ca`` (the CA that signed the server's certificate; gRPC's default roots with
@@ -309,7 +310,9 @@ class LungClient:
                 progress(len(out))
         return out
 
-    def explain(self, images: Iterable[Any]) -> list[Explanation]:
+    def explain(
+        self, images: Iterable[Any], progress: Callable[[int], None] | None = None
+    ) -> list[Explanation]:
         """Predictions with their Grad-CAM heatmaps from the ``explain`` signature, in order,
         batched as ``predict`` batches.
 
@@ -325,10 +328,21 @@ class LungClient:
         ):
             request = self._request("explain")
             request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
-            response = self._call(self._predict.Predict, request)
+            try:
+                response = self._call(self._predict.Predict, request)
+            except LungClientError as err:
+                if err.code == grpc.StatusCode.FAILED_PRECONDITION and '"explain"' in err.message:
+                    raise LungClientError(err.code, (
+                        f"model {self.model_name!r} (version {self.version or 'latest'}) has no "
+                        "'explain' signature: it was exported before lungtf added it; export it "
+                        f"again with python -m lungtf.export (server said: {err.message})"
+                    )) from None  # fmt: skip
+                raise
             heatmaps = tf.make_ndarray(response.outputs["heatmap"])
             predictions = parse_predictions(response, len(batch))
             out.extend(Explanation(p, h) for p, h in zip(predictions, heatmaps))
+            if progress is not None:
+                progress(len(out))
         return out
 
     def metadata(self) -> dict[str, Any]:
@@ -421,11 +435,32 @@ def write_csv(paths: list[Path], preds: list[Prediction], stream: Any) -> None:
         writer.writerow([path, p.label, p.class_id, *probs])
 
 
+def write_overlays(paths: list[Path], explained: list[Explanation], out: Path) -> None:
+    """One ``lungtf.overlay`` PNG per image into ``out`` (``<stem>.png``; ``<stem>-<n>.png``
+    when inputs share a stem), and ``path,overlay,label,probability`` CSV lines on stdout."""
+    from lungtf.overlay import overlay
+
+    out.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["path", "overlay", "label", "probability"])
+    for path, item in zip(paths, explained):
+        name, n = f"{path.stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{path.stem}-{n}.png"
+        taken.add(name)
+        pred = item.prediction
+        prob = pred.probabilities[pred.label]
+        overlay(path, item.heatmap, f"{pred.label} {prob:.2f}").save(out / name)
+        writer.writerow([path, out / name, pred.label, f"{prob:.6f}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring); returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m lungtf.client")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("predict", "status"):
+    for name in ("predict", "status", "explain"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--target", default="127.0.0.1:8500", help="gRPC HOST:PORT")
         cmd.add_argument("--model-name", default="lungtf")
@@ -437,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--batch-size", type=int, default=MAX_BATCH_IMAGES,
                       help=f"images per request, 1..{MAX_BATCH_IMAGES} (default; the model's "
                       "limit); requests are also split by bytes and declared pixels")
+    expl = sub.choices["explain"]
+    expl.add_argument("inputs", nargs="+", help="image files or folders")
+    expl.add_argument("--out", required=True, help="folder for one overlay PNG per image")
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        args.batch_size = MAX_BATCH_IMAGES
     if args.command == "predict" and not 1 <= args.batch_size <= MAX_BATCH_IMAGES:
         parser.error(f"--batch-size must be in 1..{MAX_BATCH_IMAGES} (the most images the "
                      f"exported model takes in one request); got {args.batch_size}")
@@ -455,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         client.max_batch_images = args.batch_size
         paths = find_images(args.inputs)
+        if args.command == "explain":
+            write_overlays(paths, client.explain(paths, progress_bar(len(paths))), Path(args.out))
+            return 0
         preds = client.predict(paths, progress=progress_bar(len(paths)))
     except (LungClientError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -22,6 +22,7 @@ from test_serving import launch, wait_ready
 from lungtf import export
 from lungtf.client import LungClient, LungClientError, main, parse_predictions, split_batches
 from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES, MAX_BATCH_PIXELS
+from lungtf.evaluate import gradcam
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     model = make_tiny_model(seed=3)
     export.export_model(model, root / "lungtf", {"split_protocol": "grouped"})
     target = wait_ready(proc, root / "log")
-    yield {"model": model, "target": target}
+    yield {"model": model, "target": target, "base": root / "lungtf"}
     proc.terminate()
     proc.wait(timeout=60)
 
@@ -208,3 +209,57 @@ def test_large_images_are_split_by_declared_pixels_and_limits_come_from_the_cons
         main(["predict", "--target", served["target"], str(path), "--batch-size", "65"])
     assert stop.value.code == 2
     assert f"--batch-size must be in 1..{MAX_BATCH_IMAGES}" in capsys.readouterr().err
+
+
+def test_explain_gives_predictions_heatmaps_and_overlay_pngs(
+    served: dict, tiles: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    client = LungClient(served["target"], timeout=60)
+    explained = client.explain(tiles)
+    assert [e.prediction for e in explained] == client.predict(tiles)
+    pixels = export.decode_and_resize(tf.constant([p.read_bytes() for p in tiles]), 32)
+    heat, ids, _ = gradcam.gradcam(served["model"], pixels)
+    np.testing.assert_allclose(np.stack([e.heatmap for e in explained]), heat, atol=1e-4)
+    assert [e.prediction.class_id for e in explained] == ids.tolist()
+    out, folder = tmp_path / "overlays", tmp_path / "tiles"
+    for i, tile in enumerate(tiles):  # the tiles only, not the folder they come from
+        (folder / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tile, folder / str(i % 2) / f"{i // 2}{tile.suffix}")
+    assert main(["explain", "--target", served["target"], str(folder), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == len(tiles) == len(list(out.glob("*.png")))  # same stems get -2, -3...
+    for row in rows:
+        with Image.open(row["overlay"]) as png, Image.open(row["path"]) as tile:
+            assert png.format == "PNG" and png.size == tile.size
+            corner = np.asarray(png.convert("RGB"))[:2, :2]
+            assert (corner == 0).all()  # the label box
+        assert row["label"] in CLASS_NAMES and 0 < float(row["probability"]) <= 1
+
+
+def test_explain_on_a_version_without_the_signature_names_it(
+    served: dict, tiles: list[Path], tmp_path: Path
+) -> None:
+    """A version exported before ``explain`` existed: a clear FAILED_PRECONDITION. Runs last
+    in this module: the new version replaces version 1 on the server."""
+    import keras
+
+    archive = keras.export.ExportArchive()
+    archive.track(served["model"])
+    archive.add_endpoint(
+        "serving_default",
+        lambda image_bytes: {"probabilities": served["model"](
+            export.decode_and_resize(image_bytes, 32), training=False)},
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    archive.write_out(str(tmp_path / "2"), verbose=False)
+    shutil.move(tmp_path / "2", served["base"] / "2")
+    client, any_version = (LungClient(served["target"], timeout=60, version=v) for v in (2, None))
+    deadline = time.monotonic() + 120
+    while not any(v["version"] == 2 for v in any_version.status()["versions"]):
+        assert time.monotonic() < deadline, "version 2 never loaded"
+        time.sleep(0.3)
+    with pytest.raises(LungClientError) as err:
+        client.explain(tiles[:1])
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version 2) has no 'explain' signature" in err.value.message
+    assert "python -m lungtf.export" in err.value.message
