@@ -9,9 +9,12 @@ same tiles, already decoded. The server overhead (gRPC + protobuf + JPEG decode 
 tile) and reported as the median difference; the goal is <= 5 ms p50. On a loaded machine that
 difference drowns in the model's own jitter, so its two parts are also timed without any model
 compute: a Predict round trip to the input-less ``metadata`` signature and the decode + resize.
+``--explain N`` (default 20) also times ``explain`` (prediction + Grad-CAM heatmap) beside
+``serving_default`` for one tile over the server, alternating the two, N calls each.
 
     python bench/serving.py [--base-path models/lungtf | --backbone resnet50 --image-size 224]
-        [--batch-sizes 1,8,32] [--concurrency 1,4,16] [--requests 8] [--pairs 20] [--tiles DIR] [--out FILE]
+        [--batch-sizes 1,8,32] [--concurrency 1,4,16] [--requests 8] [--pairs 20] [--explain 20]
+        [--tiles DIR] [--out FILE]
 
 Without ``--base-path`` it builds ``build_model(backbone, weights="none")`` (untrained weights time
 the same as trained ones) and exports it to a temporary folder. Numbers depend on the machine and
@@ -144,6 +147,27 @@ def overhead_parts_ms(target: str, tile: bytes, size: int, repeats: int) -> tupl
     return statistics.median(rtt[1:]), statistics.median(decode[1:])
 
 
+def explain_vs_predict_ms(target: str, tile: bytes, calls: int) -> dict[str, list[float]]:
+    """Latencies of one-tile ``serving_default`` and ``explain`` calls, alternated (after one
+    untimed call of each) so both see the same machine load."""
+    requests = {}
+    for name in ("serving_default", "explain"):
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name, req.model_spec.signature_name = "lungtf", name
+        req.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([tile], dtype=tf.string))
+        requests[name] = req
+    times: dict[str, list[float]] = {name: [] for name in requests}
+    with grpc.insecure_channel(target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for i in range(calls + 1):
+            for name, req in requests.items():
+                start = time.perf_counter()
+                stub.Predict(req, timeout=600)
+                if i:
+                    times[name].append(1000 * (time.perf_counter() - start))
+    return times
+
+
 def server_cell(target: str, tiles: list[bytes], batch: int, threads: int, requests: int) -> dict:
     """``requests`` Predict calls of ``batch`` tiles from ``threads`` concurrent clients."""
     req = predict_pb2.PredictRequest()
@@ -194,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=10, help="model-only calls per batch size")
     p.add_argument("--pairs", type=int, default=20, help="paired single-tile overhead samples")
+    p.add_argument("--explain", type=int, default=20, help="one-tile explain vs predict calls")
     p.add_argument("--tiles", type=Path, default=SHARED, help="class folders of JPEG tiles")
     p.add_argument("--workers", type=int, default=16, help="server worker threads")
     p.add_argument("--out", type=Path, help="also write the markdown table here")
@@ -230,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"batch {b:>2} x {c:>2} clients: p50 {cell['p50']:.1f} ms", file=sys.stderr)
         overhead = paired_overhead_ms(fn, target, tiles[0], size, args.pairs)
         rtt, decode = overhead_parts_ms(target, tiles[0], size, 5 * args.pairs)
+        explained = explain_vs_predict_ms(target, tiles[0], args.explain) if args.explain else {}
     finally:
         proc.terminate()
         proc.wait()
@@ -261,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Its parts, each without model compute: gRPC round trip through Predict p50 {rtt:.1f} ms "
         f"+ decode and resize of the tile p50 {decode:.1f} ms = {rtt + decode:.1f} ms."
     )
+    for name, times in explained.items():
+        lines.append(
+            f"One {size}-px tile over the server, {name}: p50 {percentile(times, 50):.1f} ms, "
+            f"p95 {percentile(times, 95):.1f} ms ({len(times)} calls, alternated)."
+        )
     text = "\n".join(lines)
     print(text)
     if args.out:
