@@ -282,10 +282,28 @@ class LungClient:
             request.model_spec.version.value = self.version
         return request
 
+    def _images_request(self, signature: str, batch: list[bytes]) -> Any:
+        request = self._request(signature)
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+        return request
+
+    def _batched(self, images: Iterable[Any], answer: Callable[[list[bytes]], list],
+                 progress: Callable[[int], None] | None) -> list:
+        """Encode ``images``, split them under the byte, image and pixel budgets and collect
+        ``answer(batch)`` of every batch, in order."""
+        encoded = [encode_image(img) for img in images]
+        out: list = []
+        for batch in split_batches(
+            encoded, self.max_batch_bytes, self.max_batch_images, MAX_BATCH_PIXELS
+        ):
+            out.extend(answer(batch))
+            if progress is not None:
+                progress(len(out))
+        return out
+
     def predict_bytes(self, batch: list[bytes]) -> list[Prediction]:
         """One Predict call on already encoded images (no splitting)."""
-        request = self._request("serving_default")
-        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
+        request = self._images_request("serving_default", batch)
         return parse_predictions(self._call(self._predict.Predict, request), len(batch))
 
     def predict(
@@ -300,15 +318,7 @@ class LungClient:
         Raises:
             LungClientError: when the server answers with an error status.
         """
-        encoded = [encode_image(img) for img in images]
-        out: list[Prediction] = []
-        for batch in split_batches(
-            encoded, self.max_batch_bytes, self.max_batch_images, MAX_BATCH_PIXELS
-        ):
-            out.extend(self.predict_bytes(batch))
-            if progress is not None:
-                progress(len(out))
-        return out
+        return self._batched(images, self.predict_bytes, progress)
 
     def explain(
         self, images: Iterable[Any], progress: Callable[[int], None] | None = None
@@ -321,29 +331,24 @@ class LungClient:
                 naming the signatures when the served version has no ``explain``; check first
                 with ``signatures``).
         """
-        encoded = [encode_image(img) for img in images]
-        out: list[Explanation] = []
-        for batch in split_batches(
-            encoded, self.max_batch_bytes, self.max_batch_images, MAX_BATCH_PIXELS
-        ):
-            request = self._request("explain")
-            request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string))
-            try:
-                response = self._call(self._predict.Predict, request)
-            except LungClientError as err:
-                if err.code == grpc.StatusCode.FAILED_PRECONDITION and '"explain"' in err.message:
-                    raise LungClientError(err.code, (
-                        f"model {self.model_name!r} (version {self.version or 'latest'}) has no "
-                        "'explain' signature: it was exported before lungtf added it; export it "
-                        f"again with python -m lungtf.export (server said: {err.message})"
-                    )) from None  # fmt: skip
-                raise
-            heatmaps = tf.make_ndarray(response.outputs["heatmap"])
-            predictions = parse_predictions(response, len(batch))
-            out.extend(Explanation(p, h) for p, h in zip(predictions, heatmaps))
-            if progress is not None:
-                progress(len(out))
-        return out
+        return self._batched(images, self._explain_bytes, progress)
+
+    def _explain_bytes(self, batch: list[bytes]) -> list[Explanation]:
+        """One ``explain`` call on already encoded images (no splitting)."""
+        request = self._images_request("explain", batch)
+        try:
+            response = self._call(self._predict.Predict, request)
+        except LungClientError as err:
+            if err.code == grpc.StatusCode.FAILED_PRECONDITION and '"explain"' in err.message:
+                raise LungClientError(err.code, (
+                    f"model {self.model_name!r} (version {self.version or 'latest'}) has no "
+                    "'explain' signature: it was exported before lungtf added it; export it "
+                    f"again with python -m lungtf.export (server said: {err.message})"
+                )) from None  # fmt: skip
+            raise
+        heatmaps = tf.make_ndarray(response.outputs["heatmap"])
+        predictions = parse_predictions(response, len(batch))
+        return [Explanation(p, h) for p, h in zip(predictions, heatmaps)]
 
     def metadata(self) -> dict[str, Any]:
         """The model's ``lungtf.json`` (class names, image size, metrics), from ``metadata()``."""
@@ -370,7 +375,6 @@ class LungClient:
                 for s in response.model_version_status
             ],
         }
-
 
     def signatures(self) -> dict[str, Any]:
         """``GetModelMetadata``: ``{"version": N, "signatures": {name: {"inputs": [...],
