@@ -154,11 +154,9 @@ def run_unit(tokens: list[str], manifest: Path, work: Path, seed: int, verbose: 
 
     import lungtf.models  # noqa: F401  (registers the custom layers for load_model)
     from lungtf.config import (
-        RunConfig,
         dump_yaml,
-        from_dict,
-        load_yaml,
         resolve_run_config,
+        same_config,
         to_dict,
     )
     from lungtf.train.cli import _overrides, build_parser
@@ -178,10 +176,7 @@ def run_unit(tokens: list[str], manifest: Path, work: Path, seed: int, verbose: 
         return None
     try:
         config = work / "config.yaml"
-        try:
-            resumed = config.is_file() and from_dict(RunConfig, load_yaml(config)) == cfg
-        except ValueError:  # a key the code no longer knows
-            resumed = False
+        resumed = config.is_file() and same_config(config, cfg)
         if config.is_file() and not resumed:  # the code's defaults changed: start again
             for old in work.iterdir():
                 if old.name != ".lock":

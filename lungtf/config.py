@@ -422,6 +422,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def same_config(path: str | Path, cfg: Any) -> bool:
+    """Whether the ``config.yaml`` at ``path`` resolves to ``cfg`` (a run directory's resolved
+    configuration); keys it lacks, e.g. ones added since, take their defaults, and a key the code
+    no longer knows means another configuration."""
+    try:
+        return from_dict(type(cfg), load_yaml(path)) == cfg
+    except ValueError:
+        return False
+
+
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write a config dataclass as YAML (the resolved ``config.yaml`` of a run)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
@@ -442,5 +452,6 @@ __all__ = [
     "from_dict",
     "load_yaml",
     "resolve_run_config",
+    "same_config",
     "to_dict",
 ]

@@ -38,6 +38,7 @@ from lungtf.config import (
     from_dict,
     load_yaml,
     resolve_run_config,
+    same_config,
 )
 from lungtf.train.rundir import RunDirBusy, RunLock, atomic_path, claim_new, remove_temporaries
 
@@ -186,15 +187,6 @@ def _with_found_data(cfg: RunConfig) -> RunConfig:
     return replace(cfg, data=replace(cfg.data, data=os.path.abspath(find_data(None))))
 
 
-def _same_config(path: Path, cfg: RunConfig) -> bool:
-    """Whether the ``config.yaml`` at ``path`` resolves to ``cfg`` (keys it lacks, e.g. ones
-    added to ``RunConfig`` since, take their defaults)."""
-    try:
-        return from_dict(RunConfig, load_yaml(path)) == cfg
-    except ValueError:  # an unknown key: not this configuration
-        return False
-
-
 def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, RunLock]:
     """Lock the newest unfinished run directory of this name and configuration that no other
     live process holds, or make and lock a new one (``lungtf.train.rundir``)."""
@@ -205,7 +197,7 @@ def _run_dir(cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, RunLock]:
             if (
                 (candidate / "comparison.md").is_file()
                 or not config.is_file()
-                or not _same_config(config, cfg)
+                or not same_config(config, cfg)
             ):
                 continue
             lock = RunLock.try_acquire(candidate)
