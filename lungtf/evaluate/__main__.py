@@ -190,8 +190,8 @@ def _leak_audit(args, manifest: Path, records, y_true, probs, groups, out: Path)
     from lungtf.data.split import audit, draw_copies, write_audit
 
     everything, _ = read_split(manifest, None, args.data)
-    everything, _bad = _readable(everything)
-    found = audit(everything)
+    others, _bad = _readable([r for r in everything if r.split != args.split])
+    found = audit(others + records)  # ``records``: the evaluated split, already checked
     write_audit(found, out / "leak_audit.csv")
     draw_copies(found, out / "leak_audit.png")
     clean = np.array([r.path not in found.flagged for r in records])
