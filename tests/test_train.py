@@ -480,3 +480,39 @@ def test_found_data_is_written_into_config_and_the_demo_finds_it(
     tests = {r.path for r in stop_before_training[0]["test"]}
     assert examples and all(caption.startswith("test: ") for _, caption in examples)
     assert {path for path, _ in examples} <= tests
+
+
+class _Started(Exception):
+    """Raised by ``_FirstWeights`` once it has the initial weights: no step needs to run."""
+
+
+class _FirstWeights(keras.callbacks.Callback):
+    """Records a digest of the model's weights when training begins, then stops the run."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def on_train_begin(self, logs=None):
+        self.seen.append(np.concatenate([np.ravel(w) for w in self.model.get_weights()]))
+        raise _Started
+
+
+def test_the_run_seed_fixes_the_initial_weights(tiny_data, tmp_path):
+    """Two trainings with the same ``--seed`` start from the same weights, another seed from
+    others, whatever random calls ran before (Keras's initialisers follow the run's seed)."""
+    seen = []
+    for i, seed in enumerate((7, 7, 8)):
+        run = resolve_run_config("cpu", None, {
+            "data": {"data": str(tiny_data), "image_size": SIZE, "crop_size": 0,
+                     "batch_size": 8, "seed": seed},
+            "backbones": ["regnet:200mf"],
+        })  # fmt: skip
+        keras.utils.set_random_seed(100 + i)  # what ran before must not matter
+        with runtime(run.train) as rt:
+            splits, _ = prepare_splits(run.data, tmp_path / f"run{i}")
+            with pytest.raises(_Started):
+                train_backbone("regnet:200mf", run, rt, splits, tmp_path / f"run{i}" / "r", 0,
+                               [_FirstWeights(seen)])
+    assert np.array_equal(seen[0], seen[1])
+    assert not np.array_equal(seen[0], seen[2])

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -198,6 +199,12 @@ def release_backbone(precision: str) -> None:
     keras.config.set_dtype_policy(precision)
 
 
+def backbone_seed(seed: int, entry: str) -> int:
+    """The Keras random seed of backbone ``entry`` in a run seeded ``seed`` (stable across
+    processes: not Python's salted ``hash``)."""
+    return (seed + zlib.crc32(entry.encode())) % 2**31
+
+
 def train_backbone(
     entry: str,
     run: RunConfig,
@@ -268,6 +275,9 @@ def train_backbone(
     batches = math.ceil if rt.replicas == 1 else math.floor  # uneven last batches are filtered
     steps_per_epoch = max(1, batches(len(splits["train"]) / d.batch_size))
     train_ds = train_ds.repeat()
+    # Initial weights (and Keras's unseeded random layers) follow the run's seed, one stream per
+    # backbone entry: the same --seed builds the same starting model, a resumed run included.
+    keras.utils.set_random_seed(backbone_seed(d.seed, entry))
     with rt.strategy.scope():
         model = build_model(mcfg)
         fitted = training_view(model, augmenter if rt.device_augment else None)
