@@ -23,16 +23,24 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from test_export import graph_problems
 from test_serving import launch, wait_ready
 
-import lungtf.models  # noqa: F401  (registers the layers best.keras holds)
+import lungtf.models  # registers the layers best.keras holds
+import lungtf.train.runtime
 from lungtf import export
 from lungtf.config import TrainConfig
 from lungtf.models.portable import portable_copy
-from lungtf.train.runtime import make_strategy, resolve_jit, resolve_precision, runtime
+from lungtf.train.runtime import (
+    cpu_has_bf16,
+    make_strategy,
+    resolve_jit,
+    resolve_precision,
+    runtime,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_precision_policy_is_set_then_restored():
+def test_precision_policy_is_set_then_restored(monkeypatch):
+    monkeypatch.setattr(lungtf.train.runtime, "cpu_has_bf16", lambda: True)
     before = keras.config.dtype_policy().name
     with runtime(TrainConfig(precision="mixed_bfloat16")) as rt:
         assert rt.precision == keras.config.dtype_policy().name == "mixed_bfloat16"
@@ -40,6 +48,25 @@ def test_precision_policy_is_set_then_restored():
     assert keras.config.dtype_policy().name == before
     assert resolve_precision("auto", gpus=0) == "float32"
     assert resolve_precision("auto", gpus=1) == "mixed_float16"
+
+
+X86_FLAGS = "flags\t\t: fpu vme sse2 avx2 avx512f avx512bw"
+ARM_FEATURES = "Features\t: fp asimd evtstrm aes sha1 crc32 atomics"
+
+
+def test_bfloat16_only_where_the_cpu_computes_it(monkeypatch, caplog):
+    assert cpu_has_bf16(f"processor\t: 0\n{X86_FLAGS} avx512_bf16 avx512_vnni\n")
+    assert cpu_has_bf16(f"{X86_FLAGS} amx_bf16 amx_tile\n")
+    assert cpu_has_bf16(f"{ARM_FEATURES} bf16 i8mm\n")
+    assert not cpu_has_bf16(f"{X86_FLAGS} avx512_vnni\n")  # AVX-512 alone emulates bfloat16
+    assert not cpu_has_bf16(f"{ARM_FEATURES}\nmodel name\t: bf16 in a name is not a flag\n")
+    assert not cpu_has_bf16("")
+    monkeypatch.setattr(lungtf.train.runtime, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="lungtf"):
+        assert resolve_precision("mixed_bfloat16", gpus=0) == "float32"
+    assert "no bfloat16 arithmetic" in caplog.text and "float32" in caplog.text
+    assert resolve_precision("mixed_bfloat16", gpus=1) == "mixed_bfloat16"  # the GPU decides
+    assert resolve_precision("mixed_float16", gpus=0) == "mixed_float16"  # asked for: as asked
 
 
 def test_auto_strategy_is_single_device_on_cpu(monkeypatch):

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -41,10 +42,37 @@ def choose_preset(requested: str | None) -> str:
     return "cpu"
 
 
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+"""``/proc/cpuinfo`` flags of CPUs with bfloat16 arithmetic (x86 AVX512-BF16 / AMX, Arm BF16)."""
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bfloat16 natively (``/proc/cpuinfo``; False where unknown).
+
+    Without it oneDNN emulates bfloat16 and ``mixed_bfloat16`` runs slower than float32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features") and CPU_BF16_FLAGS & set(value.split()):
+            return True
+    return False
+
+
 def resolve_precision(requested: str, gpus: int) -> str:
-    """Keras dtype policy name: ``auto`` is ``mixed_float16`` on GPU and ``float32`` on CPU."""
+    """Keras dtype policy name: ``auto`` is ``mixed_float16`` on GPU and ``float32`` on CPU;
+    ``mixed_bfloat16`` on a CPU without bfloat16 arithmetic falls back to ``float32`` (logged)."""
     if requested == AUTO:
         return "mixed_float16" if gpus else "float32"
+    if requested == "mixed_bfloat16" and not gpus and not cpu_has_bf16():
+        log.warning("precision mixed_bfloat16 asked for, but this CPU has no bfloat16 arithmetic "
+                    "(no %s in /proc/cpuinfo): training in float32",
+                    "/".join(sorted(CPU_BF16_FLAGS)))
+        return "float32"
     return requested
 
 
