@@ -134,6 +134,17 @@ def _verify(query_points: np.ndarray, db_points: np.ndarray, key: np.ndarray,
     return found
 
 
+def _index(desc: np.ndarray) -> cv2.flann_Index:
+    """A FLANN KD-tree index of ``desc``, built the same way every time for the same input.
+
+    FLANN shuffles the descriptors and picks split dimensions at random from OpenCV's RNG of the
+    calling thread, whose state depends on whatever ran before; seeding it first makes the trees,
+    so every approximate search, and so the groups and audit pairs, reproducible run to run.
+    """
+    cv2.setRNGSeed(0)
+    return cv2.flann_Index(desc, {"algorithm": 1, "trees": 4})
+
+
 def _knn(index: cv2.flann_Index, query: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """``NEIGHBOURS`` nearest indexed descriptors of each query row, searched in parallel chunks.
 
@@ -163,7 +174,7 @@ def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray
     desc = np.concatenate([d for _, d in features])
     pair_best: dict[tuple[int, int], int] = {}
     if len(desc) > NEIGHBOURS:
-        index = cv2.flann_Index(desc, {"algorithm": 1, "trees": 4})
+        index = _index(desc)
         for query_points, query in ((points, desc), _mirror(points, desc)):
             hits, distance = _knn(index, query, workers)
             keep = comp[owner[hits]] != comp[owner][:, None]
@@ -299,7 +310,8 @@ def cross_matches(sift: SiftCache, queries: np.ndarray, database: np.ndarray,
     image goes into one FLANN index; each query (as shot and mirrored) votes, one vote per query
     keypoint and database image, for the images its descriptors' nearest neighbours belong to;
     the ``CANDIDATES`` most voted-for images are verified by cross-checked matching and a RANSAC
-    similarity fit (rotation, zoom, translation).
+    similarity fit (rotation, zoom, translation). The index is built from a fixed seed, so the
+    same images give the same pairs on every run.
 
     Args:
         sift: SIFT features of the images.
@@ -316,7 +328,7 @@ def cross_matches(sift: SiftCache, queries: np.ndarray, database: np.ndarray,
     owner = np.concatenate([np.full(len(d), i) for i, (_, d) in zip(database, features)] or [[]])
     if len(owner) <= NEIGHBOURS or len(queries) == 0:
         return []
-    index = cv2.flann_Index(np.concatenate([d for _, d in features]), {"algorithm": 1, "trees": 4})
+    index = _index(np.concatenate([d for _, d in features]))
 
     def best(query: int) -> tuple[int, int, int]:
         matcher = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True)
