@@ -21,6 +21,14 @@ a source-tile bootstrap interval, source tiles and tiles, wall and CPU time.
     python bench/cv.py --recipe "--preset cpu" --fold 0          # one fold of 5, then stop
     python bench/cv.py --recipe "--preset cpu" --vs "--preset cpu --ema 0.99" --seeds 0,1
     python bench/cv.py --recipe "--preset cpu" --vs "..." --report-only   # gathered so far
+
+``{fold}`` in a recipe is replaced by the fold's index, so each fold can use its own file without
+leaking: e.g. SimSiam weights pretrained on that fold's training sources only (the fold manifests
+are ``<results>/folds/fold<i>.csv``; run ``bench/cv.py --report-only`` once to write them)::
+
+    python -m lungtf.pretrain --splits cv-results/folds/fold0.csv --split train --out pre/fold0
+    python bench/cv.py --recipe "--preset cpu" \
+        --vs "--preset cpu --weights regnet=pre/fold{fold}/regnet-200mf.weights.h5" --fold 0
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from lungtf.constants import CLASS_NAMES, PROTOCOL_GROUPED, class_index
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lc25000-lung-224"
 RESERVED = ("data", "splits", "groups", "seed", "output", "name", "resume", "new")
 """lungtf.train flags a recipe may not set: cv.py sets them per fold and seed."""
+FOLD = "{fold}"
+"""Placeholder in a recipe's flags for the fold's index (see ``for_fold``)."""
 ACA, SCC = class_index("lung_aca"), class_index("lung_scc")
 log = logging.getLogger("lungtf.cv")
 
@@ -76,6 +86,13 @@ def recipe_id(flags: str) -> tuple[list[str], str]:
     if taken:
         raise ValueError(f"recipe {flags!r} sets {', '.join(taken)}; cv.py sets those itself")
     return tokens, hashlib.sha256(shlex.join(tokens).encode()).hexdigest()[:10]
+
+
+def for_fold(tokens: list[str], fold: int) -> list[str]:
+    """The recipe's tokens with ``{fold}`` replaced by the fold's index (the recipe's id keeps the
+    placeholder, so one recipe names one file per fold, e.g. weights pretrained on that fold's
+    training sources only)."""
+    return [t.replace(FOLD, str(fold)) for t in tokens]
 
 
 def load_grouped(data: Path, groups: Path) -> list:
@@ -383,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                 if path.is_file():
                     continue
                 log.info("recipe %s (%s), fold %d, seed %d: training", rid, flags, fold, seed)
-                out = run_unit(tokens, manifests[fold], results / rid / path.stem, seed,
-                               args.verbose)
+                out = run_unit(for_fold(tokens, fold), manifests[fold],
+                               results / rid / path.stem, seed, args.verbose)
                 if out is None:
                     continue
                 from lungtf.train.rundir import write_text

@@ -113,3 +113,22 @@ def test_paired_bootstrap_on_made_up_sources():
     assert errors[0] == sum(better[s][0] - first[s][0] for s in first)
     acc, low, high = cv.bootstrap(np.array([18, 20, 10]), np.array([20, 20, 20]))
     assert acc == pytest.approx(48 / 60) and low < acc < high
+
+
+def test_fold_placeholder_gives_each_fold_its_own_weights(probe_backbone, grouped_tiles, tmp_path):
+    """``{fold}`` in a recipe names one file per fold (e.g. weights pretrained on that fold's
+    training sources only); the recipe's id keeps the placeholder, so the folds gather."""
+    from lungtf.config import ModelConfig
+    from lungtf.models import build_model
+
+    backbone = build_model(ModelConfig(backbone="cv_probe", weights="none", image_size=32))
+    backbone.get_layer("backbone").save_weights(tmp_path / "probe-fold1.weights.h5")
+    recipe = (RECIPE.replace("--scratch-epochs 1", "--head-epochs 1 --epochs 1")
+              + f" --weights cv_probe={tmp_path}/probe-fold{{fold}}.weights.h5")
+    results = tmp_path / "results"
+    argv = ["--data", str(grouped_tiles), "--results", str(results), "--folds", "2",
+            "--recipe", recipe, "--val-fraction", "0.3", "--verbose", "0"]
+    assert cv.main([*argv, "--fold", "1"]) == 0  # one fold keeps the test short
+    r = json.loads((results / cv.recipe_id(recipe)[1] / "fold1-seed0.json").read_text())
+    assert r["config"]["model"]["weights"] == f"cv_probe={tmp_path}/probe-fold1.weights.h5"
+    assert r["recipe"] == recipe  # the report names the recipe as given
