@@ -190,3 +190,61 @@ def test_strictness_trades_merging_for_purity_and_stages_are_counted(tmp_path):
     assert strict_stages["joined by stain colour"] == 0 < safe_stages["joined by stain colour"]
     with pytest.raises(ValueError, match="strict"):
         grouping.detect_groups(paths, labels, strictness="loose")
+
+
+def _lc25000_copy(image: np.ndarray, zoom: float, angle: float, centre: tuple[float, float],
+                  flip: tuple[bool, bool], border: int) -> np.ndarray:
+    """A copy as LC25000's missed ones look: zoomed in about an off-centre point (``centre``: -1..1
+    of the reach that keeps the view inside the tile), rotated, corners filled by ``border``
+    (mirror reflection: a kaleidoscope border), flipped left-right and/or top-bottom."""
+    import cv2
+
+    side = image.shape[0]
+    reach = 0.5 * side * (1 - 1 / zoom)
+    cx, cy = side / 2 + centre[0] * reach, side / 2 + centre[1] * reach
+    warp = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
+    warp[:, 2] += (side / 2 - cx, side / 2 - cy)
+    out = cv2.warpAffine(image, warp, (side, side), flags=cv2.INTER_CUBIC, borderMode=border)
+    out = out[:, ::-1] if flip[0] else out
+    return np.ascontiguousarray(out[::-1] if flip[1] else out)
+
+
+def test_zoomed_rotated_mirror_bordered_copies_of_real_tiles_join_their_source(shared_data,
+                                                                                 tmp_path):
+    """Copies of three real benign source tiles (zoomed 1.6-2.5x off-centre, rotated by any
+    angle, kaleidoscope corners, flipped; one only rotated with mirrored corners) each join their
+    source's group, and the three sources stay three groups (merging everything would fail).
+
+    Sources from the tuning third of the shared groups. Before the soft-image gate the
+    upsampled copies correlated with other sources' tiles and merged two of the three sources."""
+    import cv2
+
+    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["label"] == "lung_n"]
+    sources = sorted({r["group"] for r in rows})[:9:3]
+    reflect, reflect101 = cv2.BORDER_REFLECT, cv2.BORDER_REFLECT_101
+    specs = [(2.0, 37, (0.3, -0.2), (True, False), reflect),
+             (1.6, 200, (-0.4, 0.3), (False, True), reflect101),
+             (2.5, 123, (0.5, 0.5), (True, True), reflect),
+             (1.0, 70, (0.0, 0.0), (False, False), reflect101),
+             (1.8, 300, (-0.6, -0.5), (False, True), reflect)]
+    paths, truth, copy = [], [], []
+    for source in sources:
+        members = [str(shared_data / r["path"]) for r in rows if r["group"] == source]
+        paths += members
+        truth += [source] * len(members)
+        copy += [False] * len(members)
+        with Image.open(members[0]) as im:
+            image = np.asarray(im.convert("RGB"))
+        for i, spec in enumerate(specs):
+            path = tmp_path / f"{source}-copy{i}.jpeg"
+            Image.fromarray(_lc25000_copy(image, *spec)).save(path, quality=90)
+            paths.append(str(path))
+            truth.append(source)
+            copy.append(True)
+    found = grouping.detect_groups(paths, ["lung_n"] * len(paths))
+    of_source = {s: {f for f, t, c in zip(found, truth, copy) if t == s and not c} for s in sources}
+    assert all(len(groups) == 1 for groups in of_source.values()), of_source
+    assert len(set().union(*of_source.values())) == len(sources), of_source  # not merged
+    for f, t, c in zip(found, truth, copy):
+        assert not c or of_source[t] == {f}, (t, f, of_source)

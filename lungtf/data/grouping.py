@@ -15,7 +15,10 @@ learned features and no downloads:
    image against the other's, maximised over every rotation (FFT over angle), both flip states
    and the zoom shift that the spectrum magnitudes suggest. Copies mostly reach ~0.9; different
    tissue stays below ``THRESHOLD``. A lower NCC also counts when the two images' stain colour
-   statistics agree (``LOW_THRESHOLD``, ``COLOUR_GATE``).
+   statistics agree (``LOW_THRESHOLD``, ``COLOUR_GATE``). A pair with a *soft* image (little
+   fine detail: upsampled by a zoom, or blurred; ``SOFT``) counts only above ``SOFT_THRESHOLD``:
+   smooth patterns of different tissue correlate well, and such a copy would otherwise become a
+   hub merging unrelated sources; its keypoints (step 5) join it to its source instead.
 4. Verified pairs are joined into groups (connected components). Images left in small groups get
    a second, wider candidate search.
 5. Copies zoomed about an off-centre point, cropped or translated share no centre with their
@@ -60,6 +63,16 @@ LOW_THRESHOLD = 0.35
 """Lower NCC that also counts when the two images' stain colour is close (``COLOUR_GATE``)."""
 COLOUR_GATE = 1.5
 """Colour-statistics distance (standardised per label) under which ``LOW_THRESHOLD`` applies."""
+SOFT = 0.16
+"""Fine-to-coarse band energy ratio (``_Features.softness``) under which an image is *soft*.
+
+An upsampled (zoomed-in) or blurred image has little fine detail; its band-passed log-polar
+pattern is smooth, and smooth patterns of different tissue correlate well at some rotation and
+zoom (NCC 0.5-0.84 between different sources on the tuning third of the shared tiles with
+generated zoomed copies), so a soft copy became a hub merging unrelated sources. Real shared
+tiles stay above (1st percentile 0.16); copies zoomed in 1.5x or more mostly fall below."""
+SOFT_THRESHOLD = 0.9
+"""NCC above which a pair with a soft image still counts (else keypoints must confirm it)."""
 STRICTNESS = dict(zip(GROUPING_STRICTNESS, (9.0, 3.0, 0.0)))
 """``detect_groups``'s ``strictness`` -> the largest stain-colour distance at which a group still
 small after every matching stage joins a large group. A wrongly merged pair costs a little
@@ -117,8 +130,13 @@ class _Features:
 
     def __init__(self, images: np.ndarray):
         matrix, rows, start, length = _grid()
-        band = ndimage.gaussian_filter(images, (0, 0.7, 0.7)) - ndimage.gaussian_filter(
-            images, (0, 4, 4), truncate=3.0)
+        fine = ndimage.gaussian_filter(images, (0, 0.7, 0.7))
+        coarse = ndimage.gaussian_filter(images, (0, 4, 4), truncate=3.0)
+        middle = ndimage.gaussian_filter(images, (0, 1.4, 1.4))
+        self.softness = ((fine - middle) ** 2).mean((1, 2)) / (
+            ((middle - coarse) ** 2).mean((1, 2)) + 1e-6)
+        band = fine - coarse
+        del middle
         polar = (matrix @ band.reshape(len(band), -1).T).T.reshape(len(band), rows, ANGLES)
         self.start, self.length = start, length
         self.spectra = np.fft.rfft(polar, axis=2).astype(np.complex64)
@@ -233,6 +251,8 @@ class _Prepared:
             score = _similar(self.features, new, self.workers)
             distance = np.linalg.norm(self.colour[new[:, 0]] - self.colour[new[:, 1]], axis=1)
             keep = (score > threshold) | ((score > low_threshold) & (distance < colour_gate))
+            soft = self.features.softness[new].min(1) < SOFT
+            keep &= ~soft | (score > SOFT_THRESHOLD)
             pairs, scores = np.concatenate([pairs, new[keep]]), np.concatenate([scores, score[keep]])
             component = components(pairs, n)
             sizes = np.bincount(component)[component]
