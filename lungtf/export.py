@@ -233,9 +233,14 @@ def check_class_ids(class_ids: Any, image_bytes: Any) -> Any:
         return tf.identity(class_ids)
 
 
-def build_archive(model: Any, metadata: dict[str, Any]) -> Any:
-    """A ``keras.export.ExportArchive`` with the lungtf signatures (see module docstring)."""
-    import keras
+def build_signatures(model: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The lungtf signatures (see module docstring) as traced concrete functions, by name.
+
+    Each is traced once here and saved as traced: ``keras.export.ExportArchive.write_out``
+    traced every endpoint outside ``tf.saved_model.save``'s save context and again inside it
+    (the context is part of TensorFlow's trace cache key), so every export built each graph
+    twice (``tests/test_export.py::test_export_traces_each_graph_once``).
+    """
     import tensorflow as tf
 
     from lungtf.evaluate.gradcam import PREDICTED, explainer
@@ -256,22 +261,6 @@ def build_archive(model: Any, metadata: dict[str, Any]) -> Any:
         names = tf.gather(tf.constant(list(CLASS_NAMES)), class_id)
         return {"probabilities": probs, "class_id": class_id, "class_name": names}
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        SERVING_SIGNATURE,
-        lambda image_bytes: predict(decode_and_resize(image_bytes, size)),
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
-    )
-    archive.add_endpoint(
-        PIXELS_SIGNATURE,
-        lambda pixels: predict(check_batch(pixels)),
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")],
-    )
-    archive.add_endpoint(
-        METADATA_SIGNATURE, lambda: {"json": tf.constant(meta_json)}, input_signature=[]
-    )
-
     gradcam = explainer(model, calibrate)  # the graph lungtf.evaluate.gradcam runs
 
     def explain(image_bytes: Any, class_ids: Any) -> dict[str, Any]:
@@ -280,19 +269,43 @@ def build_archive(model: Any, metadata: dict[str, Any]) -> Any:
         return {"probabilities": probs, "class_id": class_id, "heatmap": heatmap}
 
     image_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
-    archive.add_endpoint(
-        EXPLAIN_SIGNATURE,
-        lambda image_bytes: explain(
-            image_bytes, tf.fill(tf.shape(image_bytes), tf.constant(PREDICTED, tf.int64))
+    endpoints = {
+        SERVING_SIGNATURE: (
+            lambda image_bytes: predict(decode_and_resize(image_bytes, size)), [image_spec]
         ),
-        input_signature=[image_spec],
-    )
-    archive.add_endpoint(
-        EXPLAIN_CLASS_SIGNATURE,
-        lambda image_bytes, class_id: explain(image_bytes, check_class_ids(class_id, image_bytes)),
-        input_signature=[image_spec, tf.TensorSpec([None], tf.int64, name="class_id")],
-    )
-    return archive
+        PIXELS_SIGNATURE: (
+            lambda pixels: predict(check_batch(pixels)),
+            [tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")],
+        ),
+        METADATA_SIGNATURE: (lambda: {"json": tf.constant(meta_json)}, []),
+        EXPLAIN_SIGNATURE: (
+            lambda image_bytes: explain(
+                image_bytes, tf.fill(tf.shape(image_bytes), tf.constant(PREDICTED, tf.int64))
+            ),
+            [image_spec],
+        ),
+        EXPLAIN_CLASS_SIGNATURE: (
+            lambda image_bytes, class_id: explain(
+                image_bytes, check_class_ids(class_id, image_bytes)
+            ),
+            [image_spec, tf.TensorSpec([None], tf.int64, name="class_id")],
+        ),
+    }
+    return {
+        name: tf.function(fn, input_signature=spec, autograph=False).get_concrete_function()
+        for name, (fn, spec) in endpoints.items()
+    }
+
+
+def save_signatures(signatures: dict[str, Any], path: Path, options: Any) -> None:
+    """``tf.saved_model.save`` of ``signatures`` (concrete functions) with the variables they
+    read, and nothing else: no function is traced again."""
+    import tensorflow as tf
+
+    variables = {id(v): v for fn in signatures.values() for v in fn.variables}
+    holder = tf.Module()
+    holder.model_variables = list(variables.values())
+    tf.saved_model.save(holder, str(path), signatures=signatures, options=options)
 
 
 def warmup_images(size: int, count: int = 3) -> list[bytes]:
@@ -398,7 +411,7 @@ def export_model(
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     tmp = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=base))
     try:
-        build_archive(model, meta).write_out(str(tmp), verbose=False, options=options)
+        save_signatures(build_signatures(model, meta), tmp, options)
         (tmp / "assets").mkdir(exist_ok=True)
         (tmp / "assets" / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         write_warmup(tmp / "assets.extra" / WARMUP_FILE, model_name, int(meta["image_size"]))

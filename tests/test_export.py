@@ -232,6 +232,33 @@ def test_versions_are_atomic_and_sequential(tiny_model: keras.Model, tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "7", "notes"]  # no temp left
 
 
+def test_export_traces_each_graph_once(
+    tiny_model: keras.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each signature's graph is built once per export: the image-bytes signatures
+    (serving_default, explain, explain_class) decode once each and the two explain signatures
+    share one Grad-CAM graph. Through ``keras.export.ExportArchive`` every one was traced twice
+    (outside ``tf.saved_model.save``'s save context and inside it): 6 decodes, 2 Grad-CAMs."""
+    calls = {"decode": 0, "gradcam": 0}
+
+    def counting(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(export, "decode_and_resize", counting("decode", export.decode_and_resize))
+    monkeypatch.setattr(
+        gradcam, "gradcam_tensors", counting("gradcam", gradcam.gradcam_tensors)
+    )
+    version = export.export_model(tiny_model, tmp_path)
+    assert calls == {"decode": 3, "gradcam": 1}
+    signatures = tf.saved_model.load(str(version)).signatures
+    assert set(signatures) == {"serving_default", "predict_pixels", "metadata",
+                               *EXPLAIN_SIGNATURES}  # fmt: skip
+
+
 def test_metadata_that_disagrees_with_the_model_is_refused(
     tiny_model: keras.Model, tmp_path: Path
 ) -> None:
