@@ -248,3 +248,29 @@ def test_zoomed_rotated_mirror_bordered_copies_of_real_tiles_join_their_source(s
     assert len(set().union(*of_source.values())) == len(sources), of_source  # not merged
     for f, t, c in zip(found, truth, copy):
         assert not c or of_source[t] == {f}, (t, f, of_source)
+
+
+def test_weak_correlation_joining_two_groups_needs_keypoints(shared_data, tmp_path):
+    """A weak NCC pair (below ``CONFIRM``) between two groups counts only when keypoints confirm
+    it: kept between a tile and its zoomed, rotated copy, refused between two sources' tiles;
+    strong pairs are never checked."""
+    import cv2
+
+    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["label"] == "lung_n"]
+    first, second = sorted({r["group"] for r in rows})[:6:3]
+    paths = [str(shared_data / r["path"]) for g in (first, second)
+             for r in [r for r in rows if r["group"] == g][:2]]
+    with Image.open(paths[0]) as im:
+        image = np.asarray(im.convert("RGB"))
+    copy = tmp_path / "copy.jpeg"
+    Image.fromarray(_lc25000_copy(image, 1.7, 130, (0.4, -0.3), (True, False),
+                                  cv2.BORDER_REFLECT)).save(copy, quality=90)
+    paths.append(str(copy))
+    pairs = np.array([[0, 1], [2, 3], [1, 2], [0, 4]])  # within, within, across, tile-copy
+    scores = np.array([0.9, 0.9, 0.55, 0.4], np.float32)
+    kept, refused = grouping._confirm(pairs, scores, keypoints.SiftCache(paths, 1),
+                                      grouping.CONFIRM)
+    component = grouping.components(kept, len(paths))
+    assert refused == 1
+    assert component[0] == component[1] == component[4] != component[2] == component[3]

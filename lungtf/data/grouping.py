@@ -73,6 +73,12 @@ generated zoomed copies), so a soft copy became a hub merging unrelated sources.
 tiles stay above (1st percentile 0.16); copies zoomed in 1.5x or more mostly fall below."""
 SOFT_THRESHOLD = 0.9
 """NCC above which a pair with a soft image still counts (else keypoints must confirm it)."""
+CONFIRM = 0.6
+"""NCC under which a pair joining two groups needs ``keypoints.COPY_INLIERS`` to count.
+
+A weak correlation (``THRESHOLD`` to ``CONFIRM``, or colour-gated from ``LOW_THRESHOLD``) is the
+only link of some copies to another source; a second, independent check keeps it from merging
+two sources. A copy whose weak pair is refused is matched by keypoints in the later stages."""
 STRICTNESS = dict(zip(GROUPING_STRICTNESS, (9.0, 3.0, 0.0)))
 """``detect_groups``'s ``strictness`` -> the largest stain-colour distance at which a group still
 small after every matching stage joins a large group. A wrongly merged pair costs a little
@@ -339,6 +345,24 @@ def near_duplicates(
                           small)
 
 
+def _confirm(pairs: np.ndarray, scores: np.ndarray, sift: keypoints.SiftCache,
+             confirm: float) -> tuple[np.ndarray, int]:
+    """``pairs`` with their weak ones (NCC below ``confirm``) that join two groups of the strong
+    pairs kept only when ``keypoints.pair_inliers`` reaches ``keypoints.COPY_INLIERS``.
+
+    Refused pairs are replaced by self-pairs (the same index twice) so ``pairs`` keeps its
+    alignment with ``scores``. Returns the pairs and how many were refused."""
+    strong = scores >= confirm
+    component = components(pairs[strong], int(pairs.max(initial=0)) + 1)
+    check = np.flatnonzero(~strong & (component[pairs[:, 0]] != component[pairs[:, 1]]))
+    if not len(check):
+        return pairs, 0
+    refused = check[keypoints.pair_inliers(sift, pairs[check]) < keypoints.COPY_INLIERS]
+    pairs = pairs.copy()
+    pairs[refused, 1] = pairs[refused, 0]
+    return pairs, len(refused)
+
+
 def components(pairs: np.ndarray, n: int) -> np.ndarray:
     """Connected-component index of each of ``n`` nodes joined by index ``pairs`` ``[M, 2]``."""
     graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -376,10 +400,12 @@ def detect_groups(
         workers: threads for decoding and matching (default: all CPUs).
         strictness: ``STRICTNESS`` key: how readily small groups are merged (``safe`` merges
             when unsure).
-        stages: if given, filled with the group count after the log-polar pairs and the groups
-            each later stage joined (``keypoint links``, ``direct keypoint check``,
-            ``stain colour``), and the final ``groups``.
-        **options: tuning passed on as in ``near_duplicates`` (``threshold``, ``neighbours``, ...).
+        stages: if given, filled with the group count after the log-polar pairs, the weak
+            correlations a keypoint check refused (``CONFIRM``), the groups each later stage
+            joined (``keypoint links``, ``direct keypoint check``, ``stain colour``), and the
+            final ``groups``.
+        **options: tuning passed on as in ``near_duplicates`` (``threshold``, ``neighbours``, ...),
+            and ``confirm`` (``CONFIRM``).
 
     Returns:
         ``"<label>-g<number>"`` per path (``"g<number>"`` without labels), numbered by first
@@ -391,12 +417,15 @@ def detect_groups(
     if not paths:
         return []
     prepared = _Prepared(paths, labels, workers)
+    confirm = options.pop("confirm", CONFIRM)
     settings = {"threshold": THRESHOLD, "low_threshold": LOW_THRESHOLD,
                 "colour_gate": COLOUR_GATE, "neighbours": 20, "retry_neighbours": 60, **options}
     pairs, scores = prepared.pairs(small=small, **settings)
-    weak = np.setdiff1d(pairs, pairs[scores > settings["threshold"]])  # only colour-gated pairs
     sift = keypoints.SiftCache(paths, prepared.workers)
-    counts = {"log-polar groups": len(np.unique(components(pairs, len(paths))))}
+    pairs, refused = _confirm(pairs, scores, sift, confirm)
+    weak = np.setdiff1d(pairs, pairs[scores > settings["threshold"]])  # only colour-gated pairs
+    counts = {"log-polar groups": len(np.unique(components(pairs, len(paths)))),
+              "weak correlations refused by keypoints": refused}
     pairs = np.concatenate([pairs, keypoints.link_groups(
         sift, prepared.members, components(pairs, len(paths)), small)])
     component = components(pairs, len(paths))

@@ -261,6 +261,29 @@ def _pair_inliers(views: list[tuple[np.ndarray, np.ndarray]], second: tuple[np.n
     return best
 
 
+def pair_inliers(sift: SiftCache, pairs: np.ndarray) -> np.ndarray:
+    """RANSAC similarity inliers of cross-checked matches of each image pair (either mirror state).
+
+    Args:
+        sift: SIFT features of the images.
+        pairs: int array ``[M, 2]`` of image indices.
+
+    Returns:
+        int array ``[M]``: the inliers of each pair (0 when too few keypoints match).
+    """
+    pairs = np.asarray(pairs, int).reshape(-1, 2)
+    sift.get(np.unique(pairs))
+
+    def count(pair: np.ndarray) -> int:
+        points, desc = sift.get([pair[0]])[0]
+        matcher = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True)
+        return _pair_inliers([(points, desc), _mirror(points, desc)], sift.get([pair[1]])[0],
+                             matcher)
+
+    with ThreadPoolExecutor(sift.workers) as pool:
+        return np.fromiter(pool.map(count, pairs), int, len(pairs))
+
+
 def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
                 nearest: np.ndarray, small: int) -> np.ndarray:
     """Index pairs that join each unsure unit of images to the group it matches directly.
