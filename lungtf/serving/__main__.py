@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes,
-        help="most request bytes all calls hold together; a request finding no room waits up to "
-        f"{ADMISSION_WAIT_SECONDS:g} s, then gets RESOURCE_EXHAUSTED "
-        f"(default {defaults.max_inflight_bytes}: 256 MiB)",
+        help="most request bytes served at once (a request that does not fit gets "
+        "RESOURCE_EXHAUSTED); it / (2 x --max-message-bytes) calls, at least 1, read their "
+        f"message at once, the others wait up to {ADMISSION_WAIT_SECONDS:g} s for their turn "
+        f"(default {defaults.max_inflight_bytes}: 128 MiB)",
     )
     ssl = sub.add_parser(
         "ssl-config", help="print TF Serving's SSLConfig text (--ssl_config_file) from PEM files"

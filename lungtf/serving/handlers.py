@@ -128,9 +128,10 @@ def _describe(tensors: dict[str, Any]) -> str:
     parts = []
     for alias, t in sorted(tensors.items()):
         text = f"{alias} {t.dtype.name} {t.shape.as_list()}"
-        if t.dtype == tf.string and t.shape.rank == 1:
-            sizes = [len(b) for b in t.numpy()[:8]]
-            text += f" of {sizes} bytes, starting {t.numpy()[0][:8]!r}" if sizes else ""
+        if t.dtype == tf.string and t.shape.rank == 1:  # lengths and 8 bytes, not a copy
+            sizes = tf.strings.length(t).numpy()[:8].tolist()
+            start = tf.strings.substr(t, 0, 8).numpy()[:1]
+            text += f" of {sizes} bytes, starting {start[0]!r}" if sizes else ""
         parts.append(text)
     return "; ".join(parts)
 

@@ -201,7 +201,7 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungtf-rpc"),
         options=grpc_options(limits),
         maximum_concurrent_rpcs=4 * workers,
-        interceptors=[Admission(limits.max_inflight_bytes)],  # bounds all requests by bytes
+        interceptors=[Admission(limits)],  # reads and serves requests within the budget
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(manager, limits), server
