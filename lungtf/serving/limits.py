@@ -21,6 +21,7 @@ No TensorFlow import here: ``python -m lungtf.serving validate`` reads the defau
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import threading
@@ -195,13 +196,14 @@ def check_tensor(alias: str, proto: Any, info: Any, limits: Limits) -> None:
             )
 
 
-ADMISSION_WAIT_SECONDS = 2.0
-"""How long a request waits for a reading slot before RESOURCE_EXHAUSTED."""
+ADMISSION_WAIT_SECONDS = 30.0
+"""How long a call waits for a reading slot (less if its deadline is nearer) before
+RESOURCE_EXHAUSTED. Its message stays with the client meanwhile: waiting costs a worker thread,
+not memory, and calls are read in the order they asked."""
 
 
 class InflightBytes:
-    """A server-wide budget of request bytes being served, or of reading slots (a counting
-    semaphore by size)."""
+    """A server-wide budget of request bytes being served (a counting semaphore by size)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -224,6 +226,41 @@ class InflightBytes:
         with self._room:
             self.used -= size
             self._room.notify_all()
+
+
+class ReadingSlots:
+    """``count`` slots handed out first come, first served (a fair counting semaphore): a small
+    request that arrives behind large ones waits for their reads, not for luck."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._free = count
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+
+    def acquire(self, wait: float) -> bool:
+        """Take a slot, waiting up to ``wait`` seconds for one; False if none came."""
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return True
+            turn = threading.Event()
+            self._waiting.append(turn)
+        if turn.wait(wait):
+            return True
+        with self._lock:
+            if turn.is_set():  # handed over just as the wait ended
+                return True
+            self._waiting.remove(turn)
+            return False
+
+    def release(self) -> None:
+        """Free a slot, or hand it straight to the call that has waited longest."""
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._free += 1
 
 
 TRIM_AFTER_BYTES = MiB
@@ -267,12 +304,13 @@ class Admission(grpc.ServerInterceptor):
     gRPC's unary handlers get their request read (and parsed) before they run, so every busy
     worker would hold a message of up to the maximum size, waiting or not. Here every unary
     method is served as a client-streaming one without deserializer (the same on the wire), so
-    the worker decides when the message is read: it first takes one of ``reading_slots``,
-    waiting up to ``ADMISSION_WAIT_SECONDS`` (less if the client's deadline is nearer; the
-    message stays with the client meanwhile, ``server.grpc_options``), reads the raw bytes, frees
-    the slot and reserves ``len(raw)`` bytes of the in-flight budget. A request that finds no
-    slot in time, or whose bytes do not fit in the budget, is answered RESOURCE_EXHAUSTED at once,
-    unparsed (its bytes are dropped, not held while it waits). An admitted request is parsed, its
+    the worker decides when the message is read: it first takes one of ``reading_slots`` in
+    the order the calls asked, waiting up to ``ADMISSION_WAIT_SECONDS`` (less if the client's
+    deadline is nearer; the message stays with the client meanwhile, ``server.grpc_options``),
+    reads the raw bytes, frees the slot and reserves ``len(raw)`` bytes of the in-flight budget.
+    A request that finds no slot in time is answered RESOURCE_EXHAUSTED unread; one whose bytes
+    do not fit in the budget at once, unparsed (its bytes are dropped, not held while it waits).
+    An admitted request is parsed, its
     raw bytes dropped, and served; its bytes are released when it returns, and after a large one
     the heaps are trimmed (``trim_heap``). Bytes that do not parse are INVALID_ARGUMENT.
 
@@ -286,17 +324,17 @@ class Admission(grpc.ServerInterceptor):
 
     def __init__(self, limits: Limits, wait: float = ADMISSION_WAIT_SECONDS) -> None:
         self.budget = InflightBytes(limits.max_inflight_bytes)
-        self.reading = InflightBytes(reading_slots(limits))
+        self.reading = ReadingSlots(reading_slots(limits))
         self.wait = wait
 
     def _read(self, requests: Any, context: Any) -> bytes | None:
         """One call's raw message once a reading slot is free; RESOURCE_EXHAUSTED if none came."""
         remaining = context.time_remaining()
         wait = self.wait if remaining is None else max(0.0, min(self.wait, remaining))
-        if not self.reading.acquire(1, wait):
+        if not self.reading.acquire(wait):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is busy: {self.reading.limit} call(s) reading their requests, as "
+                f"the server is busy: {self.reading.count} call(s) reading their requests, as "
                 "many as --max-inflight-bytes / (2 x --max-message-bytes) allows; retry later",
             )
         try:
@@ -304,7 +342,7 @@ class Admission(grpc.ServerInterceptor):
         except grpc.RpcError:  # the client went away while its message was read
             return None
         finally:
-            self.reading.release(1)
+            self.reading.release()
 
     def intercept_service(self, continuation: Callable, details: Any) -> Any:
         handler = continuation(details)
