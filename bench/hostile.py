@@ -23,7 +23,7 @@ in its own order:
 - ``abandoned``: 64 good tiles with a 20 ms deadline, so the client gives up mid-work;
 - ``burst``: besides the mix, ``--burst`` (16) requests of ``--burst-mib`` (60 MiB: four
   15 MiB items that are not images) sent at once one second in, so the in-flight byte budget
-  (``--max-inflight-bytes``) decides how many the server parses together.
+  (``--max-inflight-bytes``) decides how many the server reads and parses together.
 
 It prints per kind the status counts and latency, the server's RSS over time (sampled from
 ``/proc`` every 0.25 s), and exits 1 when a hostile request is answered OK, UNKNOWN or INTERNAL
