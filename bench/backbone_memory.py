@@ -4,8 +4,9 @@ Runs ``lungtf.train.main`` in-process on ``--tiles`` of the shared real tiles (b
 classes, their true groups in a manifest), every backbone from scratch for ``--epochs`` epochs at
 ``--image-size`` px, and prints the process's resident memory (``VmRSS``) when each backbone
 starts, when its training returns and after ``lungtf.train.fit.release_backbone`` freed it, with
-the live Keras models at each point. It stops before the best model is packaged (not measured
-here). ``--keep`` skips the release, as the code did before issue 26, for contrast.
+the live Keras models and the functions registered in TensorFlow's eager context at each point.
+It stops before the best model is packaged (not measured here). ``--keep`` skips the release, as
+the code did before issue 26, for contrast.
 
     python bench/backbone_memory.py [--tiles 150] [--image-size 48] [--epochs 1] \
         [--backbones resnet34,regnet:200mf,regnet:400mf] [--keep]
@@ -73,17 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import keras
+    from tensorflow.python.eager import context
 
     import lungtf.train.compare
     import lungtf.train.fit
     from lungtf.train import main as train
 
-    rows: list[tuple[str, str, float, int]] = []
+    rows: list[tuple[str, str, float, int, int]] = []
+    header = f"{'backbone':<16} {'point':<9} {'RSS MiB':>8} {'live keras Models':>18} {'functions':>9}"
 
     def note(entry: str, when: str) -> None:
         models = sum(isinstance(o, keras.Model) for o in gc.get_objects())
-        rows.append((entry, when, rss_mib(), models))
-        print(f"{entry:<16} {when:<9} {rows[-1][2]:>8.0f} {models:>18}", flush=True)
+        rows.append((entry, when, rss_mib(), models, len(context.context().list_function_names())))
+        print(f"{entry:<16} {when:<9} {rows[-1][2]:>8.0f} {models:>18} {rows[-1][4]:>9}", flush=True)
 
     real_train, real_release = lungtf.train.fit.train_backbone, lungtf.train.fit.release_backbone
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     lungtf.train.compare.finalize_best = finalize_best
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    print(f"{'backbone':<16} {'point':<9} {'RSS MiB':>8} {'live keras Models':>18}", flush=True)
+    print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = pick_tiles(args.data, args.tiles, Path(tmp) / "tiles.csv")
         argv_train = [
@@ -124,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
           f"backbones {args.backbones}, {args.epochs} epoch(s) each from scratch, "
           f"{'NO release (--keep)' if args.keep else 'released after each backbone'}; "
           f"extra flags: {' '.join(args.extra) or 'none'}")
-    print(f"{'backbone':<16} {'point':<9} {'RSS MiB':>8} {'live keras Models':>18}")
-    for entry, when, rss, models in rows:
-        print(f"{entry:<16} {when:<9} {rss:>8.0f} {models:>18}")
+    print(header)
+    for entry, when, rss, models, functions in rows:
+        print(f"{entry:<16} {when:<9} {rss:>8.0f} {models:>18} {functions:>9}")
     print(f"wall {wall:.0f} s; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     return 0
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from lungtf.train import main
 from lungtf.train.callbacks import read_history
 from lungtf.train.cli import _run_dir, build_parser
 from lungtf.train.compare import pick_best, uncertainty_threshold, write_comparison
-from lungtf.train.fit import release_backbone, resolve_weights, train_backbone
+from lungtf.train.fit import compile_model, release_backbone, resolve_weights, train_backbone
 from lungtf.train.prepare import prepare_splits
 from lungtf.train.rundir import RunLock, claim_new
 from lungtf.train.runtime import choose_preset, runtime
@@ -118,6 +119,44 @@ def test_cli_two_backbones_compare_and_package_best(tiny_data, tmp_path, monkeyp
     model = keras.models.load_model(run / "best" / "model.keras")
     assert model.input_shape == (None, SIZE, SIZE, 3)  # trained on 24 px crops, takes whole tiles
     assert any((run / "best" / "saved_model").glob("*/saved_model.pb"))
+
+
+def _fit_tiny(run, rt) -> None:
+    """A tiny model compiled as ``train_backbone`` compiles it, fitted for 2 steps."""
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(CLASS_NAMES), activation="softmax"),
+    ])  # fmt: skip
+    compile_model(model, 1e-3, run, rt)
+    x = np.random.default_rng(0).random((16, 8, 8, 3), np.float32)
+    model.fit(x, np.eye(len(CLASS_NAMES), dtype=np.float32)[np.arange(16) % 3], verbose=0)
+
+
+def test_release_frees_every_graph_a_backbone_traced():
+    """After ``release_backbone`` nothing a fitted model traced is alive: no ``FuncGraph`` (train
+    step, metric and variable-initialisation branches), and the eager context holds as many
+    functions after each of three fits as after the first, so backbones do not accumulate them.
+    With the release before issue 26's second fix (``clear_session`` only) each train step's
+    graph stayed alive, held by TensorFlow's gradient registry (``CustomGradient-<uid>`` of the
+    gradient all-reduce); ``bench/backbone_memory.py`` measures the host RSS this costs."""
+    from tensorflow.python.eager import context
+    from tensorflow.python.framework.func_graph import FuncGraph
+
+    run = resolve_run_config("cpu", None, {})
+    counts = []
+    with runtime(run.train) as rt:
+        release_backbone(rt.precision)  # what earlier tests of the session left behind
+        for _ in range(3):
+            before = {id(g) for g in gc.get_objects() if isinstance(g, FuncGraph)}
+            _fit_tiny(run, rt)
+            traced = [weakref.ref(g) for g in gc.get_objects()
+                      if isinstance(g, FuncGraph) and id(g) not in before]  # fmt: skip
+            assert traced
+            release_backbone(rt.precision)
+            alive = [g().name for g in traced if g() is not None]
+            assert not alive, f"{len(alive)} of {len(traced)} graphs alive: {sorted(alive)[:5]}"
+            counts.append(len(context.context().list_function_names()))
+    assert counts[0] == counts[1] == counts[2], counts
 
 
 def _typed(row: dict) -> dict:

@@ -13,6 +13,7 @@ keeps its own ``BackupAndRestore`` backup, so a restart replays finished phases 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -187,16 +188,51 @@ def release_backbone(precision: str) -> None:
     """Free what a finished backbone left behind, before the next backbone is built.
 
     ``train_backbone`` keeps nothing once it returns (model, training view, optimizer, compiled
-    train/eval functions, callbacks and datasets are its locals), but Keras models live in
-    reference cycles (model and layers, model and its ``tf.function``s) that Python frees only at
-    a full garbage collection, which may come long after the next backbone has allocated its own:
-    memory then grows from backbone to backbone. ``keras.utils.clear_session(free_memory=True)``
-    resets Keras's global state (layer-name counters), TensorFlow's default graph and kernel cache,
-    and collects those cycles now. It also resets the global dtype policy, so the run's
-    ``precision`` is set again.
+    train/eval functions, callbacks and datasets are its locals), but three things outlive it:
+
+    - every trace of Keras's train step passes the gradients through
+      ``ReplicaContext.all_reduce`` (default strategy included), a ``tf.custom_gradient``, and
+      TensorFlow registers each graph-mode custom gradient under a new ``CustomGradient-<uid>``
+      name in its process-wide gradient registry and never removes it (tensorflow#97697, in
+      TF 2.21). The registered closure holds the step's gradient tensors, hence its whole
+      ``FuncGraph``, the variable-initialisation ``cond`` functions traced with it and their
+      FunctionDefs in the eager context: ~0.3 GiB a backbone at 32 px, never freed. These
+      entries are dropped (``_drop_custom_gradients``): after a backbone nothing traced before
+      is differentiated again;
+    - Keras models live in reference cycles that Python frees only at a full collection;
+      ``keras.utils.clear_session(free_memory=True)`` collects them now and resets Keras's
+      global state, TensorFlow's default graph and kernel cache (and the global dtype policy,
+      so the run's ``precision`` is set again);
+    - glibc keeps freed heap pages; ``malloc_trim(0)`` hands them back where glibc is the C
+      library (a no-op elsewhere). Device memory stays in TensorFlow's allocator pool, reused
+      by the next backbone.
     """
+    _drop_custom_gradients()
     keras.utils.clear_session(free_memory=True)
+    _trim_heap()
     keras.config.set_dtype_policy(precision)
+
+
+def _drop_custom_gradients() -> int:
+    """Unregister every graph-mode ``tf.custom_gradient`` (``CustomGradient-<uid>``) traced so
+    far; returns how many. TensorFlow has no public call for it: its registry is private."""
+    from tensorflow.python.framework import ops
+
+    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    if not isinstance(registry, dict):  # a TensorFlow that stores it differently: nothing to do
+        return 0
+    names = [name for name in registry if name.startswith("CustomGradient-")]
+    for name in names:
+        del registry[name]
+    return len(names)
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``; else nothing)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError, TypeError):  # not glibc (macOS, musl, Windows)
+        pass
 
 
 def backbone_seed(seed: int, entry: str) -> int:
