@@ -37,8 +37,8 @@ from lungtf import export
 from lungtf.constants import MAX_BATCH_IMAGES
 from lungtf.serving import handlers
 from lungtf.serving.__main__ import main as serving_main
+from lungtf.serving.admission import ReadingSlots
 from lungtf.serving.config import ModelEntry
-from lungtf.serving.limits import ReadingSlots
 from lungtf.serving.models import ModelManager
 
 REPO = Path(__file__).resolve().parents[1]
@@ -705,12 +705,14 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 
 @pytest.fixture(scope="module")
 def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """8 workers over a slow model (3 s per call), 16 MiB messages and in flight at most."""
+    """8 workers over a slow model (3 s per call), 16 MiB messages and in flight at most, 5 s
+    to send a message once its turn to be read has come."""
     root = tmp_path_factory.mktemp("busy")
     module = Slow(3.0)
     tf.saved_model.save(module, str(root / "lungtf" / "1"), signatures={"serving_default": module.serve})
     args = ["--model-base-path", str(root / "lungtf"), "--workers", "8",
-            "--max-message-bytes", str(16 * MiB), "--max-inflight-bytes", str(16 * MiB)]  # fmt: skip
+            "--max-message-bytes", str(16 * MiB), "--max-inflight-bytes", str(16 * MiB),
+            "--max-read-seconds", "5"]  # fmt: skip
     proc = launch(args, root / "log")
     target = wait_ready(proc, root / "log")
     options = [("grpc.max_send_message_length", 64 * MiB)]
@@ -781,6 +783,45 @@ def test_a_message_is_read_only_in_a_free_reading_slot(busy: dict) -> None:
     with pytest.raises(grpc.RpcError) as err:
         busy["predict"].Predict(unknown, timeout=30)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+
+
+def test_a_call_that_never_sends_its_message_loses_its_reading_slot(busy: dict) -> None:
+    """A client takes the only reading slot and never sends its message (no deadline): a health
+    check is answered at once (health checks are read in a slot of their own, and refused above
+    64 KiB), the silent call is ended RESOURCE_EXHAUSTED after --max-read-seconds (5 here) and
+    a Predict queued behind it is read then. Fails on 197fb21 (the slot is held until the client
+    goes away: the health check times out)."""
+    stream = busy["channel"].stream_unary("/tensorflow.serving.PredictionService/Predict")
+    models = model_service_pb2_grpc.ModelServiceStub(busy["channel"])
+    gone = threading.Event()
+
+    def silent() -> Iterator[bytes]:
+        gone.wait(60)
+        yield from ()
+
+    began = time.monotonic()
+    held = stream.future(silent())
+    try:
+        time.sleep(0.5)  # the server has taken the call and waits for its message
+        status = get_model_status_pb2.GetModelStatusRequest()
+        status.model_spec.name = "lungtf"
+        assert models.GetModelStatus(status, timeout=3).model_version_status
+        assert time.monotonic() - began < 3.5
+        status.model_spec.name = "x" * 70_000
+        with pytest.raises(grpc.RpcError) as err:
+            models.GetModelStatus(status, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert "too large" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            busy["predict"].Predict(request(name="nope", image_bytes=UNDECODABLE), timeout=20)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+        assert time.monotonic() - began < 10
+        error = held.exception(timeout=5)
+    finally:
+        gone.set()
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert "did not arrive within 5 s" in error.details()
+    assert "Traceback" not in busy["log"].read_text()
 
 
 def test_reading_slots_go_to_the_call_that_waited_longest() -> None:

@@ -7,8 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from lungtf.serving.admission import ADMISSION_WAIT_SECONDS
 from lungtf.serving.config import ConfigError, ModelEntry, check_entries, load_config
-from lungtf.serving.limits import ADMISSION_WAIT_SECONDS, Limits
+from lungtf.serving.limits import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "RESOURCE_EXHAUSTED); it / (2 x --max-message-bytes) calls, at least 1, read their "
         f"message at once, the others wait up to {ADMISSION_WAIT_SECONDS:g} s for their turn "
         f"(default {defaults.max_inflight_bytes}: 128 MiB)",
+    )
+    run.add_argument(
+        "--max-read-seconds", type=int, default=defaults.max_read_seconds,
+        help="most seconds a call may take to send its request message once its turn to be read "
+        "has come; then it gets RESOURCE_EXHAUSTED and the next call is read "
+        f"(default {defaults.max_read_seconds}: a 64 MiB message at 6.4 MB/s)",
     )
     ssl = sub.add_parser(
         "ssl-config", help="print TF Serving's SSLConfig text (--ssl_config_file) from PEM files"
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         limits = Limits(
             args.max_message_bytes, args.max_batch_images, args.max_image_bytes,
-            args.max_inflight_bytes,
+            args.max_inflight_bytes, args.max_read_seconds,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -9,29 +9,20 @@ not match its declared element count, a batch above ``Limits.max_batch_images`` 
 item above ``Limits.max_image_bytes``. The gRPC message limit (``Limits.max_message_bytes``)
 bounds everything else: gRPC itself answers RESOURCE_EXHAUSTED above it.
 
-That bounds one request; ``Admission`` bounds them together. A request's message is read only
-when one of a few reading slots is free (until then it waits with the client), and it is parsed
-and served only if its size fits in a server-wide budget of in-flight request bytes
-(``Limits.max_inflight_bytes``, 128 MiB: two messages of the maximum size); otherwise it is
-answered RESOURCE_EXHAUSTED at once, unparsed. Bytes that are not a valid request message are
-INVALID_ARGUMENT (gRPC's own parsing would answer INTERNAL and log a traceback).
+That bounds one request; ``lungtf.serving.admission.Admission`` bounds them together (reading
+slots, a read time limit and a budget of in-flight request bytes).
 
 No TensorFlow import here: ``python -m lungtf.serving validate`` reads the defaults quickly.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from lungtf.constants import MAX_BATCH_IMAGES
 
@@ -51,13 +42,17 @@ class Limits:
             (``--max-image-bytes``, 16 MiB).
         max_inflight_bytes: most request bytes the whole server serves at once
             (``--max-inflight-bytes``, 128 MiB; at least ``max_message_bytes``); it also sets how
-            many messages are read at once (``reading_slots``), see ``Admission``.
+            many messages are read at once (``reading_slots``), see ``admission.Admission``.
+        max_read_seconds: most seconds a call may take to send its message once its turn to be
+            read has come (``--max-read-seconds``, 10: 64 MiB at 6.4 MB/s); then it is answered
+            RESOURCE_EXHAUSTED and the next call is read.
     """
 
     max_message_bytes: int = 64 * MiB
     max_batch_images: int = MAX_BATCH_IMAGES
     max_image_bytes: int = 16 * MiB
     max_inflight_bytes: int = 128 * MiB
+    max_read_seconds: int = 10
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in vars(self).items() if not isinstance(v, int) or v < 1}
@@ -194,194 +189,3 @@ def check_tensor(alias: str, proto: Any, info: Any, limits: Limits) -> None:
                 f"item {index} of input {alias!r} is {size} bytes; at most "
                 f"{limits.max_image_bytes} per item (--max-image-bytes)"
             )
-
-
-ADMISSION_WAIT_SECONDS = 30.0
-"""How long a call waits for a reading slot (less if its deadline is nearer) before
-RESOURCE_EXHAUSTED. Its message stays with the client meanwhile: waiting costs a worker thread,
-not memory, and calls are read in the order they asked."""
-
-
-class InflightBytes:
-    """A server-wide budget of request bytes being served (a counting semaphore by size)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._room = threading.Condition()
-
-    def acquire(self, size: int, wait: float) -> bool:
-        """Reserve ``size`` bytes, waiting up to ``wait`` seconds for room; False if none came."""
-        deadline = time.monotonic() + wait
-        with self._room:
-            while self.used + size > self.limit:
-                left = deadline - time.monotonic()
-                if left <= 0 or size > self.limit:
-                    return False
-                self._room.wait(left)
-            self.used += size
-            return True
-
-    def release(self, size: int) -> None:
-        with self._room:
-            self.used -= size
-            self._room.notify_all()
-
-
-class ReadingSlots:
-    """``count`` slots handed out first come, first served (a fair counting semaphore): a small
-    request that arrives behind large ones waits for their reads, not for luck."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self._free = count
-        self._lock = threading.Lock()
-        self._waiting: collections.deque[threading.Event] = collections.deque()
-
-    def acquire(self, wait: float) -> bool:
-        """Take a slot, waiting up to ``wait`` seconds for one; False if none came."""
-        with self._lock:
-            if self._free and not self._waiting:
-                self._free -= 1
-                return True
-            turn = threading.Event()
-            self._waiting.append(turn)
-        if turn.wait(wait):
-            return True
-        with self._lock:
-            if turn.is_set():  # handed over just as the wait ended
-                return True
-            self._waiting.remove(turn)
-            return False
-
-    def release(self) -> None:
-        """Free a slot, or hand it straight to the call that has waited longest."""
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().set()
-            else:
-                self._free += 1
-
-
-TRIM_AFTER_BYTES = MiB
-"""After a request of at least this size, ``trim_heap`` (the size of glibc's mmap threshold that
-``lungtf.serving.server`` fixes: smaller pieces of such a request live in the heaps)."""
-
-
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """Give the free pages of glibc's heaps back to the system (``malloc_trim(0)``, ~1 ms).
-
-    Reading a large message leaves many freed pieces under the mmap threshold (gRPC's transport
-    slices, the chunks the Python binding copies them into) in the heaps, which glibc keeps: one
-    60 MiB request left the dev server ~70 MiB larger, a burst of 16 ~150 MiB. A no-op without
-    glibc.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def reading_slots(limits: Limits) -> int:
-    """How many calls may read their message at once: half as many as the in-flight budget
-    holds messages of the maximum size (1 with the defaults), at least one."""
-    return max(1, limits.max_inflight_bytes // (2 * limits.max_message_bytes))
-
-
-class Admission(grpc.ServerInterceptor):
-    """Read a request's message only when a reading slot is free; serve it only if its bytes fit.
-
-    gRPC's unary handlers get their request read (and parsed) before they run, so every busy
-    worker would hold a message of up to the maximum size, waiting or not. Here every unary
-    method is served as a client-streaming one without deserializer (the same on the wire), so
-    the worker decides when the message is read: it first takes one of ``reading_slots`` in
-    the order the calls asked, waiting up to ``ADMISSION_WAIT_SECONDS`` (less if the client's
-    deadline is nearer; the message stays with the client meanwhile, ``server.grpc_options``),
-    reads the raw bytes, frees the slot and reserves ``len(raw)`` bytes of the in-flight budget.
-    A request that finds no slot in time is answered RESOURCE_EXHAUSTED unread; one whose bytes
-    do not fit in the budget at once, unparsed (its bytes are dropped, not held while it waits).
-    An admitted request is parsed, its
-    raw bytes dropped, and served; its bytes are released when it returns, and after a large one
-    the heaps are trimmed (``trim_heap``). Bytes that do not parse are INVALID_ARGUMENT.
-
-    Request memory is so bounded by the budget, not by ``--workers``: at most
-    ``max_inflight_bytes`` of requests being served (each held about three times at its peak:
-    parsed message, the array of its items and the tensor) plus ``reading_slots`` messages of up
-    to ``max_message_bytes`` being read (each about three times too while gRPC assembles it).
-    A call holds its reading slot until its message has arrived, so a client that trickles its
-    message holds one until its deadline.
-    """
-
-    def __init__(self, limits: Limits, wait: float = ADMISSION_WAIT_SECONDS) -> None:
-        self.budget = InflightBytes(limits.max_inflight_bytes)
-        self.reading = ReadingSlots(reading_slots(limits))
-        self.wait = wait
-
-    def _read(self, requests: Any, context: Any) -> bytes | None:
-        """One call's raw message once a reading slot is free; RESOURCE_EXHAUSTED if none came."""
-        remaining = context.time_remaining()
-        wait = self.wait if remaining is None else max(0.0, min(self.wait, remaining))
-        if not self.reading.acquire(wait):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is busy: {self.reading.count} call(s) reading their requests, as "
-                "many as --max-inflight-bytes / (2 x --max-message-bytes) allows; retry later",
-            )
-        try:
-            return next(requests, None)
-        except grpc.RpcError:  # the client went away while its message was read
-            return None
-        finally:
-            self.reading.release()
-
-    def intercept_service(self, continuation: Callable, details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
-            return handler
-        parse, serve = handler.request_deserializer, handler.unary_unary
-
-        def admitted(requests: Any, context: Any) -> Any:
-            raw = self._read(requests, context)
-            if raw is None:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{details.method} takes exactly one request message; none arrived",
-                )
-            size = len(raw)
-            if not self.budget.acquire(size, 0.0):
-                raw = None  # dropped now, not when the abort's traceback goes
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the server is busy: {self.budget.used} bytes of requests in flight, "
-                    f"this one {size}, at most {self.budget.limit} together "
-                    "(--max-inflight-bytes); retry later",
-                )
-            try:
-                try:
-                    request = parse(raw)
-                except DecodeError:
-                    raw = None
-                    context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"the {size}-byte message is not a valid {details.method} request",
-                    )
-                raw = None  # the parsed request holds the contents from here on
-                return serve(request, context)
-            finally:
-                self.budget.release(size)
-                if size >= TRIM_AFTER_BYTES:
-                    trim_heap()
-
-        return grpc.stream_unary_rpc_method_handler(
-            admitted, request_deserializer=None, response_serializer=handler.response_serializer
-        )

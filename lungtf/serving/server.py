@@ -25,9 +25,10 @@ from tensorflow_serving.apis import (
 
 from lungtf.export import WARMUP_FILE
 from lungtf.serving import handlers
+from lungtf.serving.admission import Admission
 from lungtf.serving.calls import Call
 from lungtf.serving.config import ModelEntry
-from lungtf.serving.limits import Admission, Limits, ServingError
+from lungtf.serving.limits import Limits, ServingError
 from lungtf.serving.models import ModelManager, Servable
 
 log = logging.getLogger("lungtf.serving")
