@@ -20,7 +20,7 @@ the part to quote); ``--classes`` and ``--sources`` (groups per class) make smal
 are drawn only from the kept sources.
 
     .venv/bin/python bench/grouping.py [--data DIR] [--seeds 10] [--tiles 15000] [--copies realistic]
-        [--part held-out] [--classes lung_n] [--sources 30]
+        [--part held-out] [--classes lung_n] [--sources 30] [--skip 30]
 """
 
 from __future__ import annotations
@@ -63,18 +63,20 @@ def tuning_part(rows: list[dict]) -> set[str]:
     return chosen
 
 
-def select(rows: list[dict], part: str, classes: list[str] | None, sources: int) -> list[dict]:
-    """Rows of ``part`` (``all``, ``tune`` or ``held-out``) of ``classes``, first ``sources``
-    source groups per class (0: all)."""
+def select(rows: list[dict], part: str, classes: list[str] | None, sources: int,
+           skip: int = 0) -> list[dict]:
+    """Rows of ``part`` (``all``, ``tune`` or ``held-out``) of ``classes``: ``sources`` source
+    groups per class (0: all) after the first ``skip`` (in sorted order)."""
     tune = tuning_part(rows)
     keep = {g for g in {row["group"] for row in rows}
             if part == "all" or (g in tune) == (part == "tune")}
     rows = [row for row in rows if row["group"] in keep
             and (not classes or row["label"] in classes)]
-    if sources:
+    if sources or skip:
         first = set()
         for label in {row["label"] for row in rows}:
-            first |= set(sorted({row["group"] for row in rows if row["label"] == label})[:sources])
+            groups = sorted({row["group"] for row in rows if row["label"] == label})
+            first |= set(groups[skip:skip + sources] if sources else groups[skip:])
         rows = [row for row in rows if row["group"] in first]
     return rows
 
@@ -148,11 +150,13 @@ def main() -> None:
     parser.add_argument("--classes", default="", help="comma-separated classes (default: all)")
     parser.add_argument("--sources", type=int, default=0,
                         help="first N source groups per class of the part (0: all)")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first N source groups per class of the part first")
     args = parser.parse_args()
     root = Path(args.data)
     with open(root / "groups.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    rows = select(rows, args.part, [c for c in args.classes.split(",") if c], args.sources)
+    rows = select(rows, args.part, [c for c in args.classes.split(",") if c], args.sources, args.skip)
     print(f"part {args.part}: {len(rows)} real tiles from {len({r['group'] for r in rows})} "
           f"source groups")
     if args.tiles > len(rows):  # the folder lives as long as `scratch`, to the end of main

@@ -251,9 +251,9 @@ def test_zoomed_rotated_mirror_bordered_copies_of_real_tiles_join_their_source(s
 
 
 def test_weak_correlation_joining_two_groups_needs_keypoints(shared_data, tmp_path):
-    """A weak NCC pair (below ``CONFIRM``) between two groups counts only when keypoints confirm
-    it: kept between a tile and its zoomed, rotated copy, refused between two sources' tiles;
-    strong pairs are never checked."""
+    """A weak NCC pair (below ``CONFIRM``), or one with a soft image, between two groups counts
+    only when keypoints confirm it: kept between a tile and its zoomed, rotated copy, refused
+    between two sources' tiles; strong pairs are never checked."""
     import cv2
 
     with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
@@ -269,8 +269,16 @@ def test_weak_correlation_joining_two_groups_needs_keypoints(shared_data, tmp_pa
     paths.append(str(copy))
     pairs = np.array([[0, 1], [2, 3], [1, 2], [0, 4]])  # within, within, across, tile-copy
     scores = np.array([0.9, 0.9, 0.55, 0.4], np.float32)
-    kept, refused = grouping._confirm(pairs, scores, keypoints.SiftCache(paths, 1),
-                                      grouping.CONFIRM)
+    sift = keypoints.SiftCache(paths, 1)
+    kept, refused = grouping._confirm(pairs, scores, sift, grouping.CONFIRM)
     component = grouping.components(kept, len(paths))
     assert refused == 1
     assert component[0] == component[1] == component[4] != component[2] == component[3]
+    # a soft pair (an image with little fine detail) needs keypoints even at a higher NCC
+    scores = np.array([0.9, 0.9, 0.7, 0.7], np.float32)
+    soft = np.array([False, False, True, True])
+    kept, refused = grouping._confirm(pairs, scores, sift, grouping.CONFIRM, soft)
+    component = grouping.components(kept, len(paths))
+    assert refused == 1
+    assert component[0] == component[1] == component[4] != component[2] == component[3]
+

@@ -16,9 +16,10 @@ learned features and no downloads:
    and the zoom shift that the spectrum magnitudes suggest. Copies mostly reach ~0.9; different
    tissue stays below ``THRESHOLD``. A lower NCC also counts when the two images' stain colour
    statistics agree (``LOW_THRESHOLD``, ``COLOUR_GATE``). A pair with a *soft* image (little
-   fine detail: upsampled by a zoom, or blurred; ``SOFT``) counts only above ``SOFT_THRESHOLD``:
-   smooth patterns of different tissue correlate well, and such a copy would otherwise become a
-   hub merging unrelated sources; its keypoints (step 5) join it to its source instead.
+   fine detail: upsampled by a zoom, or blurred; ``SOFT``) counts alone only above
+   ``SOFT_THRESHOLD``: smooth patterns of different tissue correlate well, and such a copy would
+   otherwise become a hub merging unrelated sources. Below it, and below ``CONFIRM`` for any
+   pair, a pair that joins two groups needs keypoint inliers (``keypoints.pair_inliers``).
 4. Verified pairs are joined into groups (connected components). Images left in small groups get
    a second, wider candidate search.
 5. Copies zoomed about an off-centre point, cropped or translated share no centre with their
@@ -71,8 +72,11 @@ pattern is smooth, and smooth patterns of different tissue correlate well at som
 zoom (NCC 0.5-0.84 between different sources on the tuning third of the shared tiles with
 generated zoomed copies), so a soft copy became a hub merging unrelated sources. Real shared
 tiles stay above (1st percentile 0.16); copies zoomed in 1.5x or more mostly fall below."""
+COLOUR_NEIGHBOURS = 20
+"""Images of closest stain colour whose groups the direct keypoint check also tries."""
 SOFT_THRESHOLD = 0.9
-"""NCC above which a pair with a soft image still counts (else keypoints must confirm it)."""
+"""NCC above which a pair with a soft image counts alone; below, keypoints must confirm it
+(``keypoints.COPY_INLIERS``), as for a weak pair (``CONFIRM``)."""
 CONFIRM = 0.6
 """NCC under which a pair joining two groups needs ``keypoints.COPY_INLIERS`` to count.
 
@@ -257,13 +261,16 @@ class _Prepared:
             score = _similar(self.features, new, self.workers)
             distance = np.linalg.norm(self.colour[new[:, 0]] - self.colour[new[:, 1]], axis=1)
             keep = (score > threshold) | ((score > low_threshold) & (distance < colour_gate))
-            soft = self.features.softness[new].min(1) < SOFT
-            keep &= ~soft | (score > SOFT_THRESHOLD)
             pairs, scores = np.concatenate([pairs, new[keep]]), np.concatenate([scores, score[keep]])
             component = components(pairs, n)
             sizes = np.bincount(component)[component]
             queries = [m[sizes[m] < small] for m in self.members]
         return pairs, scores
+
+    def soft(self, pairs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Which ``pairs`` hold a soft image (``SOFT``) and score at most ``SOFT_THRESHOLD``."""
+        return (self.features.softness[pairs].min(1, initial=np.inf) < SOFT) & (
+            scores <= SOFT_THRESHOLD)
 
     def nearest(self, k: int) -> np.ndarray:
         """``[N, k]`` indices of each image's ``k`` nearest images of its label by descriptor.
@@ -275,6 +282,23 @@ class _Prepared:
             found = _neighbours(self.features.descriptor, m, m, k)
             if len(found):
                 nearest[m, : len(found) // len(m)] = found[:, 1].reshape(len(m), -1)
+        return nearest
+
+    def nearest_colour(self, k: int) -> np.ndarray:
+        """``[N, k]`` indices of each image's ``k`` nearest images of its label by stain colour
+        (padded with the image's own index like ``nearest``).
+
+        A zoomed-in copy keeps its source's stain but not its log-polar descriptor, so these are
+        the candidates the descriptor misses."""
+        nearest = np.repeat(np.arange(len(self.colour))[:, None], k, axis=1)
+        for m in self.members:
+            take = min(k, len(m) - 1)
+            if take < 1:
+                continue
+            for block in np.array_split(m, -(-len(m) // 1024)):
+                distance = np.linalg.norm(self.colour[block, None] - self.colour[None, m], axis=2)
+                distance[block[:, None] == m[None, :]] = np.inf
+                nearest[block, :take] = m[np.argpartition(distance, take - 1, axis=1)[:, :take]]
         return nearest
 
     def attach(self, component: np.ndarray, small: int, max_distance: float) -> np.ndarray:
@@ -341,18 +365,24 @@ def near_duplicates(
     if len(paths) < 2:
         return np.zeros((0, 2), int), np.zeros(0, np.float32)
     prepared = _Prepared(paths, labels, workers)
-    return prepared.pairs(threshold, low_threshold, colour_gate, neighbours, retry_neighbours,
-                          small)
+    pairs, scores = prepared.pairs(threshold, low_threshold, colour_gate, neighbours,
+                                   retry_neighbours, small)
+    unsure = prepared.soft(pairs, scores)
+    refused = np.flatnonzero(unsure)[keypoints.pair_inliers(
+        keypoints.SiftCache(paths, prepared.workers), pairs[unsure]) < keypoints.COPY_INLIERS]
+    keep = np.setdiff1d(np.arange(len(pairs)), refused)
+    return pairs[keep], scores[keep]
 
 
 def _confirm(pairs: np.ndarray, scores: np.ndarray, sift: keypoints.SiftCache,
-             confirm: float) -> tuple[np.ndarray, int]:
-    """``pairs`` with their weak ones (NCC below ``confirm``) that join two groups of the strong
-    pairs kept only when ``keypoints.pair_inliers`` reaches ``keypoints.COPY_INLIERS``.
+             confirm: float, soft: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``pairs`` with their unsure ones (NCC below ``confirm``, or ``soft``) that join two groups
+    of the other pairs kept only when ``keypoints.pair_inliers`` reaches
+    ``keypoints.COPY_INLIERS``.
 
     Refused pairs are replaced by self-pairs (the same index twice) so ``pairs`` keeps its
     alignment with ``scores``. Returns the pairs and how many were refused."""
-    strong = scores >= confirm
+    strong = (scores >= confirm) & (True if soft is None else ~soft)
     component = components(pairs[strong], int(pairs.max(initial=0)) + 1)
     check = np.flatnonzero(~strong & (component[pairs[:, 0]] != component[pairs[:, 1]]))
     if not len(check):
@@ -422,10 +452,10 @@ def detect_groups(
                 "colour_gate": COLOUR_GATE, "neighbours": 20, "retry_neighbours": 60, **options}
     pairs, scores = prepared.pairs(small=small, **settings)
     sift = keypoints.SiftCache(paths, prepared.workers)
-    pairs, refused = _confirm(pairs, scores, sift, confirm)
+    pairs, refused = _confirm(pairs, scores, sift, confirm, prepared.soft(pairs, scores))
     weak = np.setdiff1d(pairs, pairs[scores > settings["threshold"]])  # only colour-gated pairs
     counts = {"log-polar groups": len(np.unique(components(pairs, len(paths)))),
-              "weak correlations refused by keypoints": refused}
+              "weak or soft correlations refused by keypoints": refused}
     pairs = np.concatenate([pairs, keypoints.link_groups(
         sift, prepared.members, components(pairs, len(paths)), small)])
     component = components(pairs, len(paths))
@@ -434,7 +464,9 @@ def detect_groups(
     units = [np.flatnonzero(component == c) for c in np.flatnonzero((sizes > 0) & (sizes < small))]
     units += [np.array([i]) for i in weak if sizes[component[i]] >= small]
     pairs = np.concatenate([pairs, keypoints.join_unsure(
-        sift, component, units, prepared.nearest(settings["retry_neighbours"]), small)])
+        sift, component, units, np.concatenate([prepared.nearest(settings["retry_neighbours"]),
+                                                prepared.nearest_colour(COLOUR_NEIGHBOURS)], 1),
+        small, thorough=prepared.features.softness < SOFT)])
     before = len(np.unique(component))
     component = components(pairs, len(paths))
     counts["joined by direct keypoint check"] = before - len(np.unique(component))

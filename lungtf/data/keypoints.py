@@ -43,6 +43,14 @@ LARGE_INLIERS = 50
 """Inliers of one image pair that join two large groups (overlapping sources reach ~40)."""
 REPRESENTATIVES = 5
 """Members of a large group that stand for it in the index."""
+THOROUGH = 20
+"""Members of each candidate group that ``join_unsure`` matches a *thorough* unit against.
+
+A strongly zoomed-in copy shows a small part of its source and, upsampled, has few keypoints
+(~40 of ``FEATURES``); only the few members of its group that show the same part match it, and
+five evenly spaced representatives often miss them all. Its few keypoints make each match cheap.
+Only pairs reaching ``COPY_INLIERS`` count then: chance pairs (4-8 inliers) summed over that many
+members would reach ``SMALL_EVIDENCE``."""
 CANDIDATES = 6
 """Database images, most voted for by a query's keypoints, that ``cross_matches`` verifies."""
 COPY_INLIERS = 10
@@ -231,12 +239,13 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
     return np.array(links, int).reshape(-1, 2)
 
 
-def _representatives(component: np.ndarray, images: np.ndarray, small: int) -> np.ndarray:
-    """Evenly spaced ``REPRESENTATIVES`` members of each large group, every member of a small one."""
+def _representatives(component: np.ndarray, images: np.ndarray, small: int,
+                     many: int = REPRESENTATIVES) -> np.ndarray:
+    """Evenly spaced ``many`` members of each large group, every member of a small one."""
     chosen = []
     for c in np.unique(component[images]):
         inside = images[component[images] == c]
-        take = min(len(inside), REPRESENTATIVES if len(inside) >= small else small)
+        take = min(len(inside), many if len(inside) >= small else small)
         chosen.append(inside[np.linspace(0, len(inside) - 1, take).round().astype(int)])
     return np.concatenate(chosen) if chosen else np.zeros(0, int)
 
@@ -285,7 +294,7 @@ def pair_inliers(sift: SiftCache, pairs: np.ndarray) -> np.ndarray:
 
 
 def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
-                nearest: np.ndarray, small: int) -> np.ndarray:
+                nearest: np.ndarray, small: int, thorough: np.ndarray | None = None) -> np.ndarray:
     """Index pairs that join each unsure unit of images to the group it matches directly.
 
     A unit is a few images checked together: the members of a small group, or one image joined
@@ -302,6 +311,9 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
             global descriptor (candidates; a row may be padded with its own index).
         small: images checked per unit, and the size below which a group is represented by
             all its members rather than ``REPRESENTATIVES`` of them.
+        thorough: per image, whether a unit holding it is matched against ``THOROUGH``
+            members of each candidate group (e.g. soft, zoomed-in images) instead, counting
+            only pairs with ``COPY_INLIERS``.
 
     Returns:
         int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
@@ -311,14 +323,16 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
     for unit in units:
         unit = np.asarray(unit)[:small]
         own = component[unit[0]]
+        deep = thorough is not None and bool(thorough[unit].any())
         evidence = dict.fromkeys(np.setdiff1d(component[nearest[unit].ravel()], [own]).tolist(), 0)
         queries = [[(points, desc), _mirror(points, desc)] for points, desc in sift.get(unit)]
         for other in evidence:
-            reps = _representatives(component, np.flatnonzero(component == other), small)
+            reps = _representatives(component, np.flatnonzero(component == other), small,
+                                    many=THOROUGH if deep else REPRESENTATIVES)
             for views in queries:
                 for target in sift.get(reps):
                     n = _pair_inliers(views, target, matcher)
-                    evidence[other] += n if n >= PAIR_INLIERS else 0
+                    evidence[other] += n if n >= (COPY_INLIERS if deep else PAIR_INLIERS) else 0
         if evidence and max(evidence.values()) >= SMALL_EVIDENCE:
             best = max(evidence, key=evidence.get)
             links.append((unit[0], np.flatnonzero(component == best)[0]))
