@@ -34,7 +34,6 @@ are ``<results>/folds/fold<i>.csv``; run ``bench/cv.py --report-only`` once to w
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import logging
@@ -178,7 +177,7 @@ def run_unit(tokens: list[str], manifest: Path, work: Path, seed: int, verbose: 
     )
     from lungtf.train.cli import _overrides, build_parser
     from lungtf.train.compare import pick_best, predict_records
-    from lungtf.train.fit import entry_dir, train_backbone
+    from lungtf.train.fit import entry_dir, release_backbone, train_backbone
     from lungtf.train.prepare import prepare_splits
     from lungtf.train.rundir import RunLock, atomic_path, remove_temporaries
     from lungtf.train.runtime import choose_preset, runtime
@@ -205,8 +204,10 @@ def run_unit(tokens: list[str], manifest: Path, work: Path, seed: int, verbose: 
         wall, cpu = time.perf_counter(), cpu_seconds()
         with runtime(cfg.train) as rt:
             splits, _ = prepare_splits(cfg.data, work)
-            results = [train_backbone(e, cfg, rt, splits, entry_dir(work, e), verbose)
-                       for e in cfg.backbones]
+            results = []
+            for e in cfg.backbones:
+                results.append(train_backbone(e, cfg, rt, splits, entry_dir(work, e), verbose))
+                release_backbone(rt.precision)  # as lungtf.train: memory stays flat over units
         best = pick_best(results)
         model = keras.models.load_model(entry_dir(work, best["entry"]) / "best.keras",
                                         compile=False)
@@ -226,8 +227,7 @@ def run_unit(tokens: list[str], manifest: Path, work: Path, seed: int, verbose: 
         return out
     finally:
         lock.release()
-        keras.backend.clear_session()
-        gc.collect()
+        release_backbone(keras.config.dtype_policy().name)
 
 
 def source_counts(runs: list[dict], key: str = "correct") -> dict[str, tuple[int, int]]:
