@@ -210,9 +210,9 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
         sift: SIFT features of the images.
         members: index arrays of the images of each label (groups never span labels).
         component: current group of each image.
-        small: groups smaller than this are joined to the group with the most summed inliers
-            (at least ``SMALL_EVIDENCE``); two groups at least this large join when one image
-            pair reaches ``LARGE_INLIERS``.
+        small: groups smaller than this are joined to the large group with the most summed
+            inliers (at least ``SMALL_EVIDENCE``), else to such a small group; two groups at
+            least this large join when one image pair reaches ``LARGE_INLIERS``.
 
     Returns:
         int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
@@ -226,15 +226,19 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
     for m in members:
         reps = m[np.isin(m, chosen)]
         best, total = _label_links(sift.get(reps), component[reps], sift.workers)
-        small_best: dict[int, tuple[int, int]] = {}
+        small_best: dict[int, tuple[int, tuple[bool, int]]] = {}
         for (a, b), n in total.items():
             if sizes[a] >= small and sizes[b] >= small:
                 if best[a, b] >= LARGE_INLIERS:
                     links.append((first[a], first[b]))
                 continue
             for one, other in ((a, b), (b, a)):
-                if sizes[one] < small and n >= max(SMALL_EVIDENCE, small_best.get(one, (0, 0))[1]):
-                    small_best[one] = (other, n)
+                # a large group beats any small one: pieces of one source (a few copies, lone
+                # copies) that only chose each other would otherwise stay apart from it
+                rank = (sizes[other] >= small, n)
+                if sizes[one] < small and n >= SMALL_EVIDENCE and rank > small_best.get(
+                        one, (0, (False, 0)))[1]:
+                    small_best[one] = (other, rank)
         links += [(first[one], first[other]) for one, (other, _) in small_best.items()]
     return np.array(links, int).reshape(-1, 2)
 
