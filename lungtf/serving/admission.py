@@ -17,7 +17,6 @@ No TensorFlow import here.
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from lungtf.heap import trim_heap
 from lungtf.serving.limits import Limits, MiB
 
 ADMISSION_WAIT_SECONDS = 30.0
@@ -151,30 +151,6 @@ def read_within(requests: Any, seconds: float, expire: Callable[[], None]) -> tu
 TRIM_AFTER_BYTES = MiB
 """After a request of at least this size, ``trim_heap`` (the size of glibc's mmap threshold that
 ``lungtf.serving.server`` fixes: smaller pieces of such a request live in the heaps)."""
-
-
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """Give the free pages of glibc's heaps back to the system (``malloc_trim(0)``, ~1 ms).
-
-    Reading a large message leaves many freed pieces under the mmap threshold (gRPC's transport
-    slices, the chunks the Python binding copies them into) in the heaps, which glibc keeps: one
-    60 MiB request left the dev server ~70 MiB larger, a burst of 16 ~150 MiB. A no-op without
-    glibc.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def reading_slots(limits: Limits) -> int:

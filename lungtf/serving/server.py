@@ -24,6 +24,7 @@ from tensorflow_serving.apis import (
 )
 
 from lungtf.export import WARMUP_FILE
+from lungtf.heap import glibc
 from lungtf.serving import handlers
 from lungtf.serving.admission import Admission
 from lungtf.serving.calls import Call
@@ -54,14 +55,9 @@ def return_large_frees_to_memory() -> None:
     server's memory then grows to the sum of each worker's largest request, not to what is in
     use. Without glibc (``mallopt`` missing) this does nothing.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = glibc()
+    if libc is not None:
         libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD: fixed, so never raised again
-    except (OSError, AttributeError):
-        pass
 
 
 def replay_warmup(servable: Servable) -> int:

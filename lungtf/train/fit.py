@@ -13,7 +13,6 @@ keeps its own ``BackupAndRestore`` backup, so a restart replays finished phases 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ from lungtf.config import AUTO, RunConfig
 from lungtf.constants import NUM_CLASSES
 from lungtf.data.augment import build_augmenter
 from lungtf.data.pipeline import length_found_at_end, make_dataset
+from lungtf.heap import trim_heap
 from lungtf.models import (
     BackboneSpec,
     build_model,
@@ -212,7 +212,7 @@ def release_backbone(precision: str) -> None:
     """
     _drop_custom_gradients()
     keras.utils.clear_session(free_memory=True)
-    _trim_heap()
+    trim_heap()
     keras.config.set_dtype_policy(precision)
 
 
@@ -228,14 +228,6 @@ def _drop_custom_gradients() -> int:
     for name in names:
         del registry[name]
     return len(names)
-
-
-def _trim_heap() -> None:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``; else nothing)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError, TypeError):  # not glibc (macOS, musl, Windows)
-        pass
 
 
 def backbone_seed(seed: int, entry: str) -> int:
