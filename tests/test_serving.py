@@ -37,7 +37,7 @@ from lungtf import export
 from lungtf.constants import MAX_BATCH_IMAGES
 from lungtf.serving import handlers
 from lungtf.serving.__main__ import main as serving_main
-from lungtf.serving.admission import ReadingSlots
+from lungtf.serving.admission import LineFull, ReadingSlots
 from lungtf.serving.config import ModelEntry
 from lungtf.serving.models import ModelManager
 
@@ -831,6 +831,57 @@ def test_a_call_that_never_sends_its_message_loses_its_reading_slot(busy: dict) 
     assert "Traceback" not in busy["log"].read_text()
 
 
+def test_silent_calls_leave_workers_for_health_checks_and_answers(busy: dict) -> None:
+    """12 Predict calls that never send their message against 8 workers (one reading slot): 7
+    hold or wait for the slot, the others are refused RESOURCE_EXHAUSTED "busy" at once, and
+    while the 7 hang a health check is answered OK and a Predict is refused "busy", each within
+    2 s (waiting behind them would take up to 5 s per silent call: a retry later is the useful
+    answer, as gRPC's own concurrent-call limit gives). Then 12 silent health checks, on threads
+    of their own: a Predict does not wait for them. Fails on eef6d42 (all 8 workers wait for the slot: both calls time
+    out)."""
+    stream = busy["channel"].stream_unary("/tensorflow.serving.PredictionService/Predict")
+    status_stream = busy["channel"].stream_unary("/tensorflow.serving.ModelService/GetModelStatus")
+    models = model_service_pb2_grpc.ModelServiceStub(busy["channel"])
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = "lungtf"
+    gone = threading.Event()
+
+    def silent() -> Iterator[bytes]:
+        gone.wait(60)
+        yield from ()
+
+    held = [stream.future(silent(), timeout=60) for _ in range(12)]
+    checks: list = []
+    try:
+        time.sleep(1.0)  # the server has taken the calls
+        began = time.monotonic()
+        assert models.GetModelStatus(status, timeout=2).model_version_status
+        with pytest.raises(grpc.RpcError) as err:
+            busy["predict"].Predict(request(image_bytes=UNDECODABLE), timeout=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert err.value.details().startswith("the server is busy"), err.value.details()
+        assert time.monotonic() - began < 2.0
+        refused = [c for c in held if c.done()]
+        assert len(refused) == 12 - 7, [c.done() for c in held]
+        for call in refused:
+            assert call.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--workers - 1" in call.exception().details()
+        for call in held:
+            call.cancel()
+        checks = [status_stream.future(silent(), timeout=60) for _ in range(12)]
+        time.sleep(0.5)
+        assert sum(c.done() for c in checks) == 12 - 3  # a line of HEALTH_WORKERS - 1
+        with pytest.raises(grpc.RpcError) as err:
+            busy["predict"].Predict(request(name="nope", image_bytes=UNDECODABLE), timeout=1.5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+    finally:
+        gone.set()
+        for call in held + checks:
+            call.cancel()
+    assert models.GetModelStatus(status, timeout=10).model_version_status
+    assert "Traceback" not in busy["log"].read_text()
+
+
 def test_reading_slots_go_to_the_call_that_waited_longest() -> None:
     slots = ReadingSlots(1)
     assert slots.acquire(0.0)
@@ -850,6 +901,22 @@ def test_reading_slots_go_to_the_call_that_waited_longest() -> None:
     for waiter in waiters:
         waiter.join()
     assert order == ["first", "second"]
+    assert slots.acquire(0.0)
+
+
+def test_reading_slots_refuse_beyond_their_line_at_once() -> None:
+    slots = ReadingSlots(1, line=2)
+    assert slots.acquire(0.0)
+    waiter = threading.Thread(target=slots.acquire, args=(10.0,))
+    waiter.start()
+    time.sleep(0.2)
+    began = time.monotonic()
+    with pytest.raises(LineFull):  # one holds the slot, one waits: the line is full
+        slots.acquire(10.0)
+    assert time.monotonic() - began < 0.1
+    slots.release()  # to the waiter
+    waiter.join()
+    slots.release()
     assert slots.acquire(0.0)
 
 

@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serving/ssl_config.example); plaintext without it",
     )
     run.add_argument("--poll-seconds", type=float, default=1.0, help="base path poll interval")
-    run.add_argument("--workers", type=int, default=8, help="request worker threads")
+    run.add_argument(
+        "--workers", type=int, default=8,
+        help="request worker threads; at most workers - 1 calls wait for their request message "
+        "to be read, others get RESOURCE_EXHAUSTED at once (health checks have threads of their own)",
+    )
     defaults = Limits()
     run.add_argument(
         "--max-message-bytes", type=int, default=defaults.max_message_bytes,

@@ -6,10 +6,13 @@ then it waits with the client), only for ``Limits.max_read_seconds`` (a call tha
 its message by then loses its slot and is answered RESOURCE_EXHAUSTED), and it is parsed and
 served only if its size fits in a server-wide budget of in-flight request bytes
 (``Limits.max_inflight_bytes``, 128 MiB: two messages of the maximum size); otherwise it is
-answered RESOURCE_EXHAUSTED at once, unparsed. The health checks (``SMALL_METHODS``) are read in
-a slot of their own, briefly, so they never queue behind large reads. Bytes that are not a valid
-request message are INVALID_ARGUMENT (gRPC's own parsing would answer INTERNAL and log a
-traceback).
+answered RESOURCE_EXHAUSTED at once, unparsed. A call waiting for its slot, or for its message,
+holds a worker thread doing nothing: at most ``--workers`` - 1 of them may, a call beyond that is
+answered RESOURCE_EXHAUSTED at once, so clients that never send their messages cannot take every
+worker. The health checks (``SMALL_METHODS``) run on threads of their own
+(``HEALTH_WORKERS``) and are read in a slot of their own, briefly, so they never queue behind
+predictions. Bytes that are not a valid request message are INVALID_ARGUMENT (gRPC's own parsing
+would answer INTERNAL and log a traceback).
 
 No TensorFlow import here.
 """
@@ -20,6 +23,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -44,6 +48,10 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 
 SMALL_READ_SECONDS = 2.0
 """How long a ``SMALL_METHODS`` request may take to arrive once its slot is taken."""
+
+HEALTH_WORKERS = 4
+"""Threads of their own for ``SMALL_METHODS`` (besides ``--workers``), so health checks never
+wait for a worker that predictions hold; at most 3 of them wait for unread messages."""
 
 
 class InflightBytes:
@@ -72,19 +80,31 @@ class InflightBytes:
             self._room.notify_all()
 
 
+class LineFull(Exception):
+    """``ReadingSlots.acquire`` found as many calls unread as its ``line`` allows."""
+
+
 class ReadingSlots:
     """``count`` slots handed out first come, first served (a fair counting semaphore): a small
-    request that arrives behind large ones waits for their reads, not for luck."""
+    request that arrives behind large ones waits for their reads, not for luck. At most ``line``
+    calls hold or wait for a slot (each holds a worker thread until its message is read)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, line: int | None = None) -> None:
         self.count = count
+        self.line = line
         self._free = count
         self._lock = threading.Lock()
         self._waiting: collections.deque[threading.Event] = collections.deque()
 
     def acquire(self, wait: float) -> bool:
-        """Take a slot, waiting up to ``wait`` seconds for one; False if none came."""
+        """Take a slot, waiting up to ``wait`` seconds for one; False if none came.
+
+        Raises:
+            LineFull: ``line`` calls already hold or wait for a slot (nothing was waited for).
+        """
         with self._lock:
+            if self.line is not None and self.count - self._free + len(self._waiting) >= self.line:
+                raise LineFull
             if self._free and not self._waiting:
                 self._free -= 1
                 return True
@@ -187,12 +207,25 @@ class Admission(grpc.ServerInterceptor):
     ``SMALL_READ_SECONDS`` and refused above ``SMALL_MESSAGE_BYTES`` (after the read: gRPC has no
     per-method message limit), so they never queue behind large reads and add at most one message
     being read at a time.
+
+    Waiting for a slot or a message holds a worker thread: of the server's ``workers`` at most
+    ``workers`` - 1 calls may hold or wait for a reading slot (the line of ``ReadingSlots``), so
+    one worker is always left to serve a call already read or to answer the next call at once; a
+    call that finds the line full is answered RESOURCE_EXHAUSTED at once, unread, instead of
+    waiting for a worker behind clients that never send their messages. ``SMALL_METHODS`` run on
+    ``HEALTH_WORKERS`` threads of their own (gRPC's ``experimental_thread_pool``), with a line of
+    ``HEALTH_WORKERS`` - 1, so health checks never wait for a worker that predictions hold.
     """
 
-    def __init__(self, limits: Limits, wait: float = ADMISSION_WAIT_SECONDS) -> None:
+    def __init__(
+        self, limits: Limits, workers: int = 8, wait: float = ADMISSION_WAIT_SECONDS
+    ) -> None:
         self.budget = InflightBytes(limits.max_inflight_bytes)
-        self.reading = ReadingSlots(reading_slots(limits))
-        self.small = ReadingSlots(1)
+        self.reading = ReadingSlots(reading_slots(limits), line=max(1, workers - 1))
+        self.small = ReadingSlots(1, line=HEALTH_WORKERS - 1)
+        self.health_pool = futures.ThreadPoolExecutor(
+            HEALTH_WORKERS, thread_name_prefix="lungtf-health"
+        )
         self.read_seconds = float(limits.max_read_seconds)
         self.wait = wait
 
@@ -202,7 +235,16 @@ class Admission(grpc.ServerInterceptor):
         slots = self.small if small else self.reading
         remaining = context.time_remaining()
         wait = self.wait if remaining is None else max(0.0, min(self.wait, remaining))
-        if not slots.acquire(wait):
+        try:
+            taken = slots.acquire(wait)
+        except LineFull:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is busy: {slots.line} call(s) wait for their request messages to be "
+                "read, as many as " + ("it takes health checks at once" if small else
+                                       "--workers - 1 allows") + "; retry later",
+            )
+        if not taken:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is busy: {slots.count} call(s) reading their requests, as many as "
@@ -272,6 +314,8 @@ class Admission(grpc.ServerInterceptor):
                 if size >= TRIM_AFTER_BYTES:
                     trim_heap()
 
+        if small:
+            admitted.experimental_thread_pool = self.health_pool  # gRPC runs the call there
         return grpc.stream_unary_rpc_method_handler(
             admitted, request_deserializer=None, response_serializer=handler.response_serializer
         )

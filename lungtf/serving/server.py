@@ -198,7 +198,7 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungtf-rpc"),
         options=grpc_options(limits),
         maximum_concurrent_rpcs=4 * workers,
-        interceptors=[Admission(limits)],  # reads and serves requests within the budget
+        interceptors=[Admission(limits, workers)],  # reads and serves requests within the budget
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(manager, limits), server
