@@ -6,10 +6,13 @@ classes, their true groups in a manifest), every backbone from scratch for ``--e
 starts, when its training returns and after ``lungtf.train.fit.release_backbone`` freed it, with
 the live Keras models and the functions registered in TensorFlow's eager context at each point.
 It stops before the best model is packaged (not measured here). ``--keep`` skips the release, as
-the code did before issue 26, for contrast.
+the code did before issue 26, for contrast. ``--processes`` trains each backbone in a child
+process (``--backbone-process true``, ``lungtf.train.isolate``) and prints this (parent)
+process's RSS when each child starts and after it ended, each child's peak RSS (its own
+``ru_maxrss``, from its last log line) and ``RUSAGE_CHILDREN``'s peak (the largest child so far).
 
     python bench/backbone_memory.py [--tiles 150] [--image-size 48] [--epochs 1] \
-        [--backbones resnet34,regnet:200mf,regnet:400mf] [--keep]
+        [--backbones resnet34,regnet:200mf,regnet:400mf] [--keep | --processes]
     python bench/backbone_memory.py -- --precision mixed_float16   # extra flags to lungtf.train
 """
 
@@ -19,6 +22,8 @@ import argparse
 import csv
 import gc
 import os
+import re
+import resource
 import sys
 import tempfile
 import time
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--backbones", default="resnet34,regnet:200mf,regnet:400mf")
     p.add_argument("--keep", action="store_true", help="do not release (the old behaviour)")
+    p.add_argument("--processes", action="store_true",
+                   help="each backbone in a child process (--backbone-process true)")
     p.add_argument("extra", nargs="*", help="flags passed on to lungtf.train (after --)")
     args = p.parse_args(argv)
     if not (args.data / "groups.csv").is_file():
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import lungtf.train.compare
     import lungtf.train.fit
+    import lungtf.train.isolate
     from lungtf.train import main as train
 
     rows: list[tuple[str, str, float, int, int]] = []
@@ -104,9 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     def finalize_best(*a, **kw):
         raise _Packaging
 
+    real_child = lungtf.train.isolate.run_child
+    children: list[tuple[str, float]] = []  # entry, RUSAGE_CHILDREN peak MiB after it ended
+
+    def run_child(cmd, env):
+        entry = cmd[4]  # python -m lungtf.train.isolate RUN_DIR ENTRY ...
+        note(entry, "start")
+        code = real_child(cmd, env)
+        note(entry, "ended")
+        children.append((entry, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))
+        return code
+
     lungtf.train.fit.train_backbone = train_backbone
     lungtf.train.fit.release_backbone = release_backbone
     lungtf.train.compare.finalize_best = finalize_best
+    lungtf.train.isolate.run_child = run_child
     load = os.getloadavg()[0]
     start = time.perf_counter()
     print(header, flush=True)
@@ -116,20 +136,27 @@ def main(argv: list[str] | None = None) -> int:
             "--preset", "cpu", "--data", str(manifest), "--backbones", args.backbones,
             "--image-size", str(args.image_size), "--crop-size", "0", "--weights", "none",
             "--scratch-epochs", str(args.epochs), "--output", str(Path(tmp) / "runs"),
-            "--name", "memory", "--verbose", "0", *args.extra,
+            "--name", "memory", "--verbose", "0",
+            *(["--backbone-process", "true"] if args.processes else []), *args.extra,
         ]  # fmt: skip
         try:
             train(argv_train)
         except _Packaging:
             pass
+        logs = "".join(p.read_text() for p in (Path(tmp) / "runs").glob("*/train.log"))
+    peaks = dict(re.findall(r"(\S+): process \d+ ends, peak RSS (\d+) MiB", logs))
     wall = time.perf_counter() - start
     print(f"\nbench/backbone_memory.py: {args.tiles} shared tiles, {args.image_size} px, "
           f"backbones {args.backbones}, {args.epochs} epoch(s) each from scratch, "
-          f"{'NO release (--keep)' if args.keep else 'released after each backbone'}; "
+          f"{'NO release (--keep)' if args.keep else 'released after each backbone'}"
+          f"{', each in a child process (--processes)' if args.processes else ''}; "
           f"extra flags: {' '.join(args.extra) or 'none'}")
     print(header)
     for entry, when, rss, models, functions in rows:
         print(f"{entry:<16} {when:<9} {rss:>8.0f} {models:>18} {functions:>9}")
+    for entry, most in children:
+        print(f"child {entry}: peak RSS {peaks.get(entry, '?')} MiB (its ru_maxrss); "
+              f"RUSAGE_CHILDREN peak so far {most:.0f} MiB")
     print(f"wall {wall:.0f} s; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     return 0
 

@@ -188,6 +188,11 @@ class TrainConfig:
             momentum per step (Keras's optimizer ``use_ema``), validate and checkpoint with the
             averaged weights, so ``best.keras`` and the exported model are averages; ``None``
             (default) trains without it. 0.99 averages over about the last 100 steps.
+        backbone_process: train each backbone in a child process of its own
+            (``lungtf.train.isolate``), so what it leaves in memory ends with it: ``"auto"``
+            (when XLA is on and the run has several backbones: XLA's compilation cache is kept
+            for the life of a process), ``True`` or ``False``; a multi-worker run trains in
+            its own processes.
     """
 
     head_epochs: int = 2
@@ -206,6 +211,7 @@ class TrainConfig:
     distribution: str = AUTO
     device_augment: bool | str = AUTO
     ema_momentum: float | None = None
+    backbone_process: bool | str = AUTO
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads ``1e-3`` (no dot) as a string: accept any number written as text.
@@ -245,6 +251,7 @@ class TrainConfig:
         _check_choice("jit_compile", self.jit_compile, (AUTO, True, False))
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("device_augment", self.device_augment, (AUTO, True, False))
+        _check_choice("backbone_process", self.backbone_process, (AUTO, True, False))
         if self.ema_momentum is not None and not (
             isinstance(self.ema_momentum, (int, float)) and not isinstance(self.ema_momentum, bool)
             and 0 < self.ema_momentum < 1

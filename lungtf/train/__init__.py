@@ -9,6 +9,7 @@ Modules:
     compare: comparison table, best-model rule, ``best/`` packaging and uncertainty threshold.
     runtime: GPU detection, preset choice, mixed precision, XLA and distribution strategy.
     multiworker: roles from TF_CONFIG, worker directories, agreement with the chief.
+    isolate: each backbone in a child process of its own (XLA's compilation cache ends with it).
 """
 
 from lungtf.train.cli import main

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, metavar="MOMENTUM",
                    help="validate, checkpoint and export an exponential moving average of the "
                    "weights with this momentum per step, e.g. 0.99 (default: off)")
+    p.add_argument("--backbone-process", **auto_flag,
+                   help="train each backbone in a child process of its own: auto (with XLA and "
+                   "several backbones, so XLA's compiled code is freed after each), true, false")
     p.add_argument("--output", help="folder of run directories (default runs)")
     p.add_argument("--name", help="run name (default train)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
@@ -161,6 +164,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "distribution": args.distribution,
             "device_augment": args.device_augment,
             "ema_momentum": args.ema,
+            "backbone_process": args.backbone_process,
         },
         "backbones": None if args.backbones is None else csv_list(args.backbones),
         "output": args.output,
@@ -302,13 +306,22 @@ def _follow_chief(cfg: RunConfig, role, verbose: int) -> int:
 
 
 def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:
-    from lungtf.train.compare import finalize_best, pick_best, write_comparison
     from lungtf.train.fit import entry_dir, release_backbone, train_backbone
+    from lungtf.train.isolate import BackboneProcessFailed, in_child_processes, train_in_children
     from lungtf.train.multiworker import barrier, chief_config, mirror_from_chief
     from lungtf.train.prepare import prepare_splits
     from lungtf.train.runtime import runtime
 
     log.info("run directory: %s (preset %s)", run_dir, cfg.preset or "none")
+    if in_child_processes(cfg):  # decided before TensorFlow takes a GPU in this process
+        splits, protocol = prepare_splits(cfg.data, run_dir)
+        try:
+            results = train_in_children(cfg, run_dir, verbose)
+        except BackboneProcessFailed as err:
+            log.error("%s", err)
+            return 1
+        _package(cfg, run_dir, results, splits, protocol)
+        return 0
     with runtime(cfg.train) as rt:
         cfg = chief_config(rt.strategy, cfg)  # every worker trains with the chief's
         splits = prepare_splits(cfg.data, run_dir) if rt.chief else None
@@ -323,6 +336,16 @@ def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:
     if not rt.chief:
         barrier(rt.strategy)  # until the chief has packaged the run: the workers end together
         return 0
+    _package(cfg, run_dir, results, splits, protocol)
+    barrier(rt.strategy)
+    return 0
+
+
+def _package(cfg: RunConfig, run_dir: Path, results: list[dict], splits: dict, protocol: str):
+    """Compare the backbones' ``results``, package the best into ``best/``."""
+    from lungtf.train.compare import finalize_best, pick_best, write_comparison
+    from lungtf.train.fit import entry_dir
+
     best = pick_best(results)
     best_dir = finalize_best(
         run_dir,
@@ -335,5 +358,3 @@ def _train_all(cfg: RunConfig, run_dir: Path, verbose: int) -> int:
     )
     write_comparison(results, run_dir, protocol, best)
     log.info("comparison: %s; best model: %s", run_dir / "comparison.md", best_dir)
-    barrier(rt.strategy)
-    return 0
