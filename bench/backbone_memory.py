@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--backbones", default="resnet34,regnet:200mf,regnet:400mf")
-    p.add_argument("--keep", action="store_true", help="do not release (the old behaviour)")
-    p.add_argument("--processes", action="store_true",
-                   help="each backbone in a child process (--backbone-process true)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--keep", action="store_true", help="do not release (the old behaviour)")
+    how.add_argument("--processes", action="store_true",
+                     help="each backbone in a child process (--backbone-process true)")
     p.add_argument("extra", nargs="*", help="flags passed on to lungtf.train (after --)")
     args = p.parse_args(argv)
     if not (args.data / "groups.csv").is_file():
@@ -146,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         logs = "".join(p.read_text() for p in (Path(tmp) / "runs").glob("*/train.log"))
     peaks = dict(re.findall(r"(\S+): process \d+ ends, peak RSS (\d+) MiB", logs))
     wall = time.perf_counter() - start
+    mode = ("NO release (--keep)" if args.keep else "each in a child process (--processes)"
+            if args.processes else "released after each backbone")
     print(f"\nbench/backbone_memory.py: {args.tiles} shared tiles, {args.image_size} px, "
           f"backbones {args.backbones}, {args.epochs} epoch(s) each from scratch, "
-          f"{'NO release (--keep)' if args.keep else 'released after each backbone'}"
-          f"{', each in a child process (--processes)' if args.processes else ''}; "
+          f"{mode}; "
           f"extra flags: {' '.join(args.extra) or 'none'}")
     print(header)
     for entry, when, rss, models, functions in rows:
