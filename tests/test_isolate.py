@@ -88,11 +88,11 @@ def tiles(tmp_path_factory):
     return root
 
 
-def _argv(tiles, out, backbones: str) -> list[str]:
+def _argv(tiles, out, backbones: str, *flags: str) -> list[str]:
     return [
         "--preset", "cpu", "--data", str(tiles), "--backbones", backbones, "--image-size", "32",
         "--crop-size", "0", "--batch-size", "8", "--scratch-epochs", "1", "--weights", "none",
-        "--output", str(out), "--name", "iso", "--verbose", "0", "--backbone-process", "true",
+        "--output", str(out), "--name", "iso", "--verbose", "0", *flags,
     ]  # fmt: skip
 
 
@@ -101,8 +101,9 @@ def test_children_train_fail_resume_and_package(probe_module, tiles, tmp_path, c
     message naming it (the parent adds no traceback); ``--resume`` skips the backbone done
     before and trains the next in another child; each backbone trained in a process of its
     own (pids from their log lines in train.log), the parent held the lock, and the run
-    directory is packaged as in-process."""
-    assert main(_argv(tiles, tmp_path, "iso_a,iso_b:raise")) == 1
+    directory is packaged as in-process. With XLA on (``--jit-compile true``) ``auto`` (the
+    default) chooses child processes; the resume trains without XLA, ``backbone_process`` true."""
+    assert main(_argv(tiles, tmp_path, "iso_a,iso_b:raise", "--jit-compile", "true")) == 1
     err = capsys.readouterr().err
     assert "backbone iso_b:raise: its training process exited with code 1" in err, err[-3000:]
     assert err.count("Traceback") == 1, err[-3000:]  # the child's own
@@ -110,10 +111,15 @@ def test_children_train_fail_resume_and_package(probe_module, tiles, tmp_path, c
     (run,) = tmp_path.glob("*-iso")
     assert (run / "iso_a" / "result.json").is_file() and not (run / "comparison.md").exists()
     config = run / "config.yaml"
-    config.write_text(config.read_text().replace("iso_b:raise", "iso_b"))
+    text = config.read_text().replace("iso_b:raise", "iso_b")  # and iso_b without XLA (cheaper)
+    text = text.replace("jit_compile: true", "jit_compile: false")
+    config.write_text(text.replace("backbone_process: auto", "backbone_process: true"))
     assert main(["--resume", str(run)]) == 0
     log = (run / "train.log").read_text()
     assert "iso_a: already trained (result.json), skipped" in log
+    assert "trains in a process of its own (backbone_process auto, XLA on" in log
+    assert log.count("XLA on, augmentation") == 2  # iso_a's and iso_b:raise's runtime
+    assert "trains in a process of its own (backbone_process True)" in log  # the resume
     found = {e: (int(pid), int(parent)) for e, pid, parent
              in re.findall(r"(iso_a|iso_b): training in process (\d+) \(parent (\d+)\)", log)}
     assert set(found) == {"iso_a", "iso_b"}, log
@@ -132,7 +138,7 @@ def test_children_train_fail_resume_and_package(probe_module, tiles, tmp_path, c
 
 def test_killed_child_stops_the_run(probe_module, tiles, tmp_path, capsys):
     """A child killed by SIGKILL: code 1, the backbone and the signal named, no traceback."""
-    assert main(_argv(tiles, tmp_path, "iso_a:kill,iso_b")) == 1
+    assert main(_argv(tiles, tmp_path, "iso_a:kill,iso_b", "--backbone-process", "true")) == 1
     err = capsys.readouterr().err
     assert "backbone iso_a:kill: its training process was killed by signal 9" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
