@@ -69,12 +69,21 @@ def cpu_seconds() -> float:
 
 
 def recipe_id(flags: str) -> tuple[list[str], str]:
-    """The recipe's tokens and its id (10 hex digits of the SHA-256 of the normalised flags).
+    """The recipe's tokens and its id: 10 hex digits of the SHA-256 of the configuration the flags
+    resolve to (preset file, ``--config`` file and flags, as ``lungtf.train`` resolves them),
+    without the run's name, output folder and preset label.
+
+    So two spellings of one recipe share their results, and a recipe whose preset or config file
+    changed gets a new id instead of reusing results trained under the old contents.
 
     Raises:
         ValueError: the flags set one of ``RESERVED`` or do not parse.
     """
-    from lungtf.train.cli import build_parser
+    from dataclasses import replace
+
+    from lungtf.config import resolve_run_config, to_dict
+    from lungtf.train.cli import _overrides, build_parser
+    from lungtf.train.runtime import choose_preset
 
     tokens = shlex.split(flags)
     try:
@@ -84,7 +93,10 @@ def recipe_id(flags: str) -> tuple[list[str], str]:
     taken = [f"--{k}" for k in RESERVED if getattr(args, k) not in (None, False)]
     if taken:
         raise ValueError(f"recipe {flags!r} sets {', '.join(taken)}; cv.py sets those itself")
-    return tokens, hashlib.sha256(shlex.join(tokens).encode()).hexdigest()[:10]
+    cfg = resolve_run_config(choose_preset(args.preset), args.config, _overrides(args))
+    plain = to_dict(replace(cfg, name="", output="", preset=None))
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+    return tokens, digest[:10]
 
 
 def for_fold(tokens: list[str], fold: int) -> list[str]:

@@ -4,6 +4,7 @@ report, and the paired bootstrap on made-up per-source results."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -132,3 +133,21 @@ def test_fold_placeholder_gives_each_fold_its_own_weights(probe_backbone, groupe
     r = json.loads((results / cv.recipe_id(recipe)[1] / "fold1-seed0.json").read_text())
     assert r["config"]["model"]["weights"] == f"cv_probe={tmp_path}/probe-fold1.weights.h5"
     assert r["recipe"] == recipe  # the report names the recipe as given
+
+
+def test_recipe_id_follows_the_resolved_configuration(tmp_path, monkeypatch):
+    """Two spellings of one recipe share an id; a changed preset file gives a new one (before,
+    the id hashed the flags, so ``--preset cpu`` kept its results when the preset changed)."""
+    import lungtf.config
+
+    renamed = ("--preset cpu-128 --image-size 224 --crop-size 112 --scratch-epochs 16 "
+               "--precision mixed_bfloat16 --backbones regnet:400mf")
+    assert cv.recipe_id("--preset cpu")[1] == cv.recipe_id(renamed)[1]
+    assert cv.recipe_id("--preset cpu")[1] != cv.recipe_id("--preset cpu-128")[1]
+    before = cv.recipe_id("--preset cpu")[1]
+    presets = tmp_path / "configs"
+    shutil.copytree(lungtf.config.PRESET_DIR, presets)
+    text = (presets / "cpu.yaml").read_text()
+    (presets / "cpu.yaml").write_text(text.replace("scratch_epochs: 16", "scratch_epochs: 17"))
+    monkeypatch.setattr(lungtf.config, "PRESET_DIR", presets)
+    assert cv.recipe_id("--preset cpu")[1] != before
