@@ -832,13 +832,14 @@ def test_a_call_that_never_sends_its_message_loses_its_reading_slot(busy: dict) 
 
 
 def test_silent_calls_leave_workers_for_health_checks_and_answers(busy: dict) -> None:
-    """12 Predict calls that never send their message against 8 workers (one reading slot): 7
-    hold or wait for the slot, the others are refused RESOURCE_EXHAUSTED "busy" at once, and
-    while the 7 hang a health check is answered OK and a Predict is refused "busy", each within
-    2 s (waiting behind them would take up to 5 s per silent call: a retry later is the useful
-    answer, as gRPC's own concurrent-call limit gives). Then 12 silent health checks, on threads
-    of their own: a Predict does not wait for them. Fails on eef6d42 (all 8 workers wait for the slot: both calls time
-    out)."""
+    """30 Predict calls that never send their message against 8 workers (one reading slot):
+    3 x 8 hold or wait for the slot, on threads besides the workers, the others are refused
+    RESOURCE_EXHAUSTED "busy" at once, and while the 24 hang a health check is answered OK and a
+    Predict is refused "busy", each within 2 s (waiting behind them would take up to 5 s per
+    silent call: a retry later is the useful answer, as gRPC's own concurrent-call limit gives).
+    Then 12 silent health checks, on threads of their own: a Predict does not wait for them.
+    Fails on eef6d42 (the 8 workers wait for the slot, the other calls queue behind them: the
+    health check times out)."""
     stream = busy["channel"].stream_unary("/tensorflow.serving.PredictionService/Predict")
     status_stream = busy["channel"].stream_unary("/tensorflow.serving.ModelService/GetModelStatus")
     models = model_service_pb2_grpc.ModelServiceStub(busy["channel"])
@@ -850,7 +851,7 @@ def test_silent_calls_leave_workers_for_health_checks_and_answers(busy: dict) ->
         gone.wait(60)
         yield from ()
 
-    held = [stream.future(silent(), timeout=60) for _ in range(12)]
+    held = [stream.future(silent(), timeout=60) for _ in range(30)]
     checks: list = []
     try:
         time.sleep(1.0)  # the server has taken the calls
@@ -862,10 +863,10 @@ def test_silent_calls_leave_workers_for_health_checks_and_answers(busy: dict) ->
         assert err.value.details().startswith("the server is busy"), err.value.details()
         assert time.monotonic() - began < 2.0
         refused = [c for c in held if c.done()]
-        assert len(refused) == 12 - 7, [c.done() for c in held]
+        assert len(refused) == 30 - 3 * 8, [c.done() for c in held]
         for call in refused:
             assert call.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "--workers - 1" in call.exception().details()
+            assert "3 x --workers" in call.exception().details()
         for call in held:
             call.cancel()
         checks = [status_stream.future(silent(), timeout=60) for _ in range(12)]

@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--poll-seconds", type=float, default=1.0, help="base path poll interval")
     run.add_argument(
         "--workers", type=int, default=8,
-        help="request worker threads; at most workers - 1 calls wait for their request message "
-        "to be read, others get RESOURCE_EXHAUSTED at once (health checks have threads of their own)",
+        help="requests parsed and served at once; up to 3 x as many more wait for their message "
+        "to be read, on threads of their own, others get RESOURCE_EXHAUSTED at once (health "
+        "checks have threads of their own too)",
     )
     defaults = Limits()
     run.add_argument(

@@ -7,9 +7,10 @@ its message by then loses its slot and is answered RESOURCE_EXHAUSTED), and it i
 served only if its size fits in a server-wide budget of in-flight request bytes
 (``Limits.max_inflight_bytes``, 128 MiB: two messages of the maximum size); otherwise it is
 answered RESOURCE_EXHAUSTED at once, unparsed. A call waiting for its slot, or for its message,
-holds a worker thread doing nothing: at most ``--workers`` - 1 of them may, a call beyond that is
-answered RESOURCE_EXHAUSTED at once, so clients that never send their messages cannot take every
-worker. The health checks (``SMALL_METHODS``) run on threads of their own
+holds a thread doing nothing: at most ``WAITING_PER_WORKER`` x ``--workers`` calls may wait so,
+on threads besides the ``--workers`` that parse and serve (``Admission.threads``), and a call
+beyond that is answered RESOURCE_EXHAUSTED at once, so clients that never send their messages
+cannot take the workers. The health checks (``SMALL_METHODS``) run on threads of their own
 (``HEALTH_WORKERS``) and are read in a slot of their own, briefly, so they never queue behind
 predictions. Bytes that are not a valid request message are INVALID_ARGUMENT (gRPC's own parsing
 would answer INTERNAL and log a traceback).
@@ -20,6 +21,7 @@ No TensorFlow import here.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -33,9 +35,9 @@ from lungtf.heap import trim_heap
 from lungtf.serving.limits import Limits, MiB
 
 ADMISSION_WAIT_SECONDS = 30.0
-"""How long a call waits for a reading slot (less if its deadline is nearer) before
-RESOURCE_EXHAUSTED. Its message stays with the client meanwhile: waiting costs a worker thread,
-not memory, and calls are read in the order they asked."""
+"""How long a call waits for a reading slot before RESOURCE_EXHAUSTED (less if its deadline is
+nearer: then DEADLINE_EXCEEDED, as the client sees it). Its message stays with the client
+meanwhile: waiting costs a thread, not memory, and calls are read in the order they asked."""
 
 SMALL_METHODS = frozenset({
     "/tensorflow.serving.ModelService/GetModelStatus",
@@ -48,6 +50,11 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 
 SMALL_READ_SECONDS = 2.0
 """How long a ``SMALL_METHODS`` request may take to arrive once its slot is taken."""
+
+WAITING_PER_WORKER = 3
+"""Calls that may hold or wait for a reading slot, per ``--workers``, each on a thread of its own
+(4 x ``--workers`` threads in all: gRPC's own concurrent-call limit in ``server.serve``, where
+calls beyond the workers used to wait in gRPC's queue, behind silent ones too)."""
 
 HEALTH_WORKERS = 4
 """Threads of their own for ``SMALL_METHODS`` (besides ``--workers``), so health checks never
@@ -189,7 +196,8 @@ class Admission(grpc.ServerInterceptor):
     the order the calls asked, waiting up to ``ADMISSION_WAIT_SECONDS`` (less if the client's
     deadline is nearer; the message stays with the client meanwhile, ``server.grpc_options``),
     reads the raw bytes, frees the slot and reserves ``len(raw)`` bytes of the in-flight budget.
-    A request that finds no slot in time is answered RESOURCE_EXHAUSTED unread; one whose bytes
+    A request that finds no slot in time is answered RESOURCE_EXHAUSTED unread (DEADLINE_EXCEEDED
+    when its deadline ended the wait, so the client sees the same code either way); one whose bytes
     do not fit in the budget at once, unparsed (its bytes are dropped, not held while it waits).
     An admitted request is parsed, its
     raw bytes dropped, and served; its bytes are released when it returns, and after a large one
@@ -208,11 +216,13 @@ class Admission(grpc.ServerInterceptor):
     per-method message limit), so they never queue behind large reads and add at most one message
     being read at a time.
 
-    Waiting for a slot or a message holds a worker thread: of the server's ``workers`` at most
-    ``workers`` - 1 calls may hold or wait for a reading slot (the line of ``ReadingSlots``), so
-    one worker is always left to serve a call already read or to answer the next call at once; a
-    call that finds the line full is answered RESOURCE_EXHAUSTED at once, unread, instead of
-    waiting for a worker behind clients that never send their messages. ``SMALL_METHODS`` run on
+    Waiting for a slot or a message holds a thread: gRPC runs calls on ``threads`` (``workers``
+    x (1 + ``WAITING_PER_WORKER``)), at most ``WAITING_PER_WORKER`` x ``workers`` calls may hold
+    or wait for a reading slot (the line of ``ReadingSlots``) and at most ``workers`` are parsed
+    and served at once (a read call waits for its turn with its bytes counted in the budget), so
+    calls that never send their message hold at most the line's threads, never the ``workers``
+    ones: a new call gets a thread once a served call ends, not after the silent ones, and if it
+    finds the line full it is answered RESOURCE_EXHAUSTED at once, unread. ``SMALL_METHODS`` run on
     ``HEALTH_WORKERS`` threads of their own (gRPC's ``experimental_thread_pool``), with a line of
     ``HEALTH_WORKERS`` - 1, so health checks never wait for a worker that predictions hold.
     """
@@ -221,7 +231,9 @@ class Admission(grpc.ServerInterceptor):
         self, limits: Limits, workers: int = 8, wait: float = ADMISSION_WAIT_SECONDS
     ) -> None:
         self.budget = InflightBytes(limits.max_inflight_bytes)
-        self.reading = ReadingSlots(reading_slots(limits), line=max(1, workers - 1))
+        self.reading = ReadingSlots(reading_slots(limits), line=WAITING_PER_WORKER * workers)
+        self.serving = threading.BoundedSemaphore(workers)
+        self.threads = workers + WAITING_PER_WORKER * workers
         self.small = ReadingSlots(1, line=HEALTH_WORKERS - 1)
         self.health_pool = futures.ThreadPoolExecutor(
             HEALTH_WORKERS, thread_name_prefix="lungtf-health"
@@ -242,7 +254,12 @@ class Admission(grpc.ServerInterceptor):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is busy: {slots.line} call(s) wait for their request messages to be "
                 "read, as many as " + ("it takes health checks at once" if small else
-                                       "--workers - 1 allows") + "; retry later",
+                                       f"{WAITING_PER_WORKER} x --workers allows") + "; retry later",
+            )
+        if not taken and wait < self.wait:  # the client's deadline, not the server, ended it
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the deadline passed while the call waited for its turn to be read",
             )
         if not taken:
             context.abort(
@@ -274,6 +291,7 @@ class Admission(grpc.ServerInterceptor):
         parse, serve = handler.request_deserializer, handler.unary_unary
 
         small = details.method in SMALL_METHODS
+        turn = contextlib.nullcontext() if small else self.serving
 
         def admitted(requests: Any, context: Any) -> Any:
             raw = self._read(requests, context, small)
@@ -299,16 +317,17 @@ class Admission(grpc.ServerInterceptor):
                     "(--max-inflight-bytes); retry later",
                 )
             try:
-                try:
-                    request = parse(raw)
-                except DecodeError:
-                    raw = None
-                    context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"the {size}-byte message is not a valid {details.method} request",
-                    )
-                raw = None  # the parsed request holds the contents from here on
-                return serve(request, context)
+                with turn:  # at most ``workers`` parse and serve at once; health checks aside
+                    try:
+                        request = parse(raw)
+                    except DecodeError:
+                        raw = None
+                        context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the {size}-byte message is not a valid {details.method} request",
+                        )
+                    raw = None  # the parsed request holds the contents from here on
+                    return serve(request, context)
             finally:
                 self.budget.release(size)
                 if size >= TRIM_AFTER_BYTES:

@@ -194,11 +194,12 @@ def serve(
     return_large_frees_to_memory()
     manager = ModelManager(entries, on_load=replay_warmup)
     manager.poll(initial=True)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungtf-rpc"),
+    admission = Admission(limits, workers)  # reads and serves requests within the budget
+    server = grpc.server(  # threads for ``workers`` calls served and the calls waiting to be read
+        futures.ThreadPoolExecutor(max_workers=admission.threads, thread_name_prefix="lungtf-rpc"),
         options=grpc_options(limits),
         maximum_concurrent_rpcs=4 * workers,
-        interceptors=[Admission(limits, workers)],  # reads and serves requests within the budget
+        interceptors=[admission],
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(manager, limits), server
