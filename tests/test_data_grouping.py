@@ -282,3 +282,37 @@ def test_weak_correlation_joining_two_groups_needs_keypoints(shared_data, tmp_pa
     assert refused == 1
     assert component[0] == component[1] == component[4] != component[2] == component[3]
 
+
+
+def test_strongly_zoomed_soft_copy_is_found_inside_its_source(shared_data, tmp_path):
+    """A copy of a real benign tile zoomed 2.47x about an off-centre point, rotated 149 degrees
+    with mirrored corners (soft; neither correlation nor keypoints join it) joins its source by
+    the zoomed template match, with stain-colour attachment off (``attach=0``) so that colour
+    cannot place it, and the five real sources (the four others of closest stain colour) stay
+    five groups.
+
+    Sources from the tuning third of the shared groups. Before the template match the copy
+    stayed a group of its own here (checked: it fails on the code before ``zoomed``)."""
+    import cv2
+
+    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["label"] == "lung_n"]
+    sources = ["lung_n-234", "lung_n-116", "lung_n-035", "lung_n-017", "lung_n-225"]
+    paths, truth = [], []
+    for source in sources:
+        members = [str(shared_data / r["path"]) for r in rows if r["group"] == source]
+        paths += members
+        truth += [source] * len(members)
+    with Image.open(shared_data / "lung_n" / "lungn4724.jpeg") as im:  # a lung_n-234 tile
+        image = np.asarray(im.convert("RGB"))
+    copy = tmp_path / "copy.jpeg"
+    Image.fromarray(_lc25000_copy(image, 2.474, 149.4, (0.987, 0.219), (False, False),
+                                  cv2.BORDER_REFLECT_101)).save(copy, quality=90)
+    paths.append(str(copy))
+    stages = {}
+    found = grouping.detect_groups(paths, ["lung_n"] * len(paths), attach=0, stages=stages)
+    of_source = {s: {f for f, t in zip(found, truth) if t == s} for s in sources}
+    assert all(len(groups) == 1 for groups in of_source.values()), of_source
+    assert len(set().union(*of_source.values())) == len(sources), of_source  # not merged
+    assert found[-1] in of_source["lung_n-234"], (found[-1], of_source)
+    assert stages["joined by zoomed template match"] == 1
