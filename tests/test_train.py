@@ -555,6 +555,48 @@ def test_found_data_is_written_into_config_and_the_demo_finds_it(
     assert {path for path, _ in examples} <= tests
 
 
+def test_a_resumed_run_keeps_its_list_of_skipped_files(tmp_path, stop_before_training, caplog):
+    """The files the first ingest skipped (a truncated JPEG, a text file named .jpeg) stay in
+    bad_files.csv, and in the log's count, when the same command or --resume continues the run
+    (its splits.csv lists only readable files); a tile of the split broken since is added."""
+    root = tmp_path / "tiles"
+    rows = []
+    for c, name in enumerate(CLASS_NAMES):
+        for i in range(10):
+            write_tile(root / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
+            rows.append(f"{name}/{name}{i}.jpeg,{name},{name}-{i // 2}")
+    (root / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
+    truncated = write_tile(root / "lung_aca" / "cut.jpeg", seed=7)
+    truncated.write_bytes(truncated.read_bytes()[:-300])
+    (root / "lung_n" / "notes.jpeg").write_text("not a jpeg at all\n")
+    argv = ["--data", str(root), "--backbones", "resnet34", "--image-size", str(SIZE),
+            "--crop-size", "0", "--weights", "none", "--output", str(tmp_path / "runs"),
+            "--name", "bad", "--verbose", "0"]
+
+    def run_once(args) -> tuple[bytes, list]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "lungtf.train"), pytest.raises(_StopAfterIngest):
+            main(args)
+        (run,) = (tmp_path / "runs").glob("*-bad")  # every call continued the first run
+        skipped = [r.getMessage() for r in caplog.records if "unreadable files" in r.getMessage()]
+        return (run / "bad_files.csv").read_bytes(), skipped
+
+    first, logged = run_once(argv)
+    (run,) = (tmp_path / "runs").glob("*-bad")
+    with open(run / "bad_files.csv", newline="") as fh:
+        listed = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(fh)}
+    assert sorted(listed) == ["cut.jpeg", "notes.jpeg"], listed
+    assert "truncated" in listed["cut.jpeg"] and logged[0].startswith("2 unreadable files")
+    assert run_once(argv) == (first, logged)  # the same command resumes the run
+    assert run_once(["--resume", str(run)]) == (first, logged)
+    assert sum(map(len, stop_before_training[-1].values())) == 30
+    broken = stop_before_training[-1]["train"][0].path  # a tile of the split, broken since
+    Path(broken).write_bytes(b"")
+    again, logged = run_once(["--resume", str(run)])
+    assert again.startswith(first) and again[len(first):].decode().startswith(broken)
+    assert logged[0].startswith("3 unreadable files")
+
+
 class _Started(Exception):
     """Raised by ``_FirstWeights`` once it has the initial weights: no step needs to run."""
 

@@ -307,6 +307,12 @@ def write_bad_report(bad: list[BadFile], path: str | os.PathLike) -> None:
         writer.writerows((b.path, b.reason) for b in bad)
 
 
+def read_bad_report(path: str | os.PathLike) -> list[BadFile]:
+    """The bad files of a ``path,reason`` CSV that ``write_bad_report`` wrote, in its order."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [BadFile(row["path"], row["reason"]) for row in csv.DictReader(fh)]
+
+
 def _check_command(args: argparse.Namespace) -> int:
     records = load_records(args.data, args.data_root, confine=not args.allow_outside_root)
     good, bad = check_images(records, min_side=args.min_side)

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lungtf.constants import PROTOCOL_GROUPED, SPLIT_NAMES
-from lungtf.data.ingest import check_images, load_records, write_bad_report
+from lungtf.data.ingest import check_images, load_records, read_bad_report, write_bad_report
 from lungtf.train.rundir import atomic_path
 
 log = logging.getLogger("lungtf.train")
@@ -98,7 +98,8 @@ def prepare_splits(data, run_dir: Path) -> tuple[dict[str, list], str]:
 
     Every image must lie inside the data root (``data.data_root``, else the dataset's own
     folder) unless ``data.allow_outside_root``; the run's own ``splits.csv`` is read under the
-    same rule when it resumes.
+    same rule when it resumes. A resumed run keeps its ``bad_files.csv`` (the files its ingest
+    skipped) and adds only split files that have become unreadable since.
 
     Returns:
         ``({"train": [...], "val": [...], "test": [...]}, protocol)``.
@@ -119,10 +120,16 @@ def prepare_splits(data, run_dir: Path) -> tuple[dict[str, list], str]:
         source = find_data(data.data)
         records, protocol = load_records(source, **inside), PROTOCOL_GROUPED
     good, bad = check_images(records)
-    with atomic_path(run_dir / "bad_files.csv") as tmp:
-        write_bad_report(bad, tmp)
+    report = run_dir / "bad_files.csv"
+    stored = read_bad_report(report) if manifest.is_file() and report.is_file() else None
+    if stored is not None:  # resumed: splits.csv lists only readable files; the ingest's stays
+        known = {b.path for b in stored}
+        bad = stored + [b for b in bad if b.path not in known]
+    if stored is None or len(bad) > len(stored):  # a fresh ingest, or tiles broken since
+        with atomic_path(report) as tmp:
+            write_bad_report(bad, tmp)
     if bad:
-        log.info("%d unreadable files skipped (see %s)", len(bad), run_dir / "bad_files.csv")
+        log.info("%d unreadable files skipped (see %s)", len(bad), report)
     if not (manifest.is_file() or data.splits):
         good = make_split(assign_groups(good, source, data.groups, data.grouping_strictness),
                           data.ratios, seed=data.seed)
