@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = pick_tiles(args.data, args.tiles, Path(tmp) / "tiles.csv")
         argv_train = [
-            "--preset", "cpu-128", "--data", str(manifest), "--backbones", args.backbones,
+            "--preset", "cpu", "--data", str(manifest), "--backbones", args.backbones,
             "--image-size", str(args.image_size), "--crop-size", "0", "--weights", "none",
             "--scratch-epochs", str(args.epochs), "--output", str(Path(tmp) / "runs"),
             "--name", "memory", "--verbose", "0",

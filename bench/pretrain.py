@@ -5,11 +5,11 @@ On one grouped split of the shared LC25000 tiles (true source-tile groups from `
 
 1. ``python -m lungtf.pretrain`` on the **training split only** (validation and test source tiles
    are never read);
-2. arm *pretrained*: ``python -m lungtf.train --preset cpu-128 --weights regnet=<pretrained file>``:
+2. arm *pretrained*: ``python -m lungtf.train --preset cpu --weights regnet=<pretrained file>``:
    ``--head-epochs`` with the backbone frozen, then ``--finetune-epochs`` with all layers at
    ``--finetune-lr-factor`` x the preset's LR (1.0: the same peak LR as the scratch arm, so the
    arms differ in their starting weights and the frozen-head warm-up);
-3. arm *scratch*: ``--preset cpu-128`` from random weights for ``--scratch-epochs``; ``auto`` gives it
+3. arm *scratch*: ``--preset cpu`` from random weights for ``--scratch-epochs``; ``auto`` gives it
    the CPU time of pretraining + fine-tuning, at the fine-tune arm's CPU seconds per training
    epoch (evaluation and export, the same in both arms, left out; its frozen-head epochs are
    cheaper, so scratch gets slightly fewer epochs than an exact match: the measured CPU times of
@@ -91,11 +91,11 @@ def make_splits(data: Path, out: Path, seed: int, groups_per_class: int, tiles_p
 
 
 def train_arm(name: str, args, splits_csv: Path, flags: list[str]) -> Path:
-    """Run ``lungtf.train`` with the cpu-128 preset on ``splits_csv``; returns the run directory."""
+    """Run ``lungtf.train`` with the cpu preset on ``splits_csv``; returns the run directory."""
     from lungtf.train import main as train_main
 
     code = train_main([
-        "--preset", "cpu-128", "--splits", str(splits_csv), "--image-size", str(args.image_size),
+        "--preset", "cpu", "--splits", str(splits_csv), "--image-size", str(args.image_size),
         "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size),
         "--output", str(args.out / "runs"), "--name", name, "--new", "--verbose", "2",
         *flags, *args.extra,

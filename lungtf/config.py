@@ -151,7 +151,7 @@ DISTRIBUTIONS: tuple[str, ...] = ("auto", "none", "mirrored", "multiworker")
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
 """Learning-rate schedules of a training phase (warm-up then cosine decay, one-cycle, flat)."""
 
-PRESETS: tuple[str, ...] = ("cpu", "cpu-128", "gpu")
+PRESETS: tuple[str, ...] = ("cpu", "cpu-224", "gpu")
 """Preset YAML files shipped in ``lungtf/configs/``."""
 
 AUTO = "auto"

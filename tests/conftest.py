@@ -94,8 +94,7 @@ def tiny_run(tmp_path_factory) -> Path:
             rows.append(f"{name}/{path.name},{name},{name}-{i // 3}")
     (data / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
     argv = [
-        "--preset", "cpu-128", "--data", str(data), "--backbones", TINY_RUN_BACKBONES,
-        "--image-size", "64",
+        "--data", str(data), "--backbones", TINY_RUN_BACKBONES, "--image-size", "64",
         "--batch-size", "16", "--scratch-epochs", "1", "--weights", "none",
         "--output", str(root / "runs"), "--name", "tiny", "--verbose", "0",
     ]  # fmt: skip

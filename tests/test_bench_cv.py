@@ -140,14 +140,14 @@ def test_recipe_id_follows_the_resolved_configuration(tmp_path, monkeypatch):
     the id hashed the flags, so ``--preset cpu`` kept its results when the preset changed)."""
     import lungtf.config
 
-    renamed = ("--preset cpu-128 --image-size 224 --crop-size 112 --scratch-epochs 16 "
+    spelled = ("--preset cpu --image-size 224 --crop-size 112 --scratch-epochs 16 "
                "--precision mixed_bfloat16 --backbones regnet:400mf")
-    assert cv.recipe_id("--preset cpu")[1] == cv.recipe_id(renamed)[1]
-    assert cv.recipe_id("--preset cpu")[1] != cv.recipe_id("--preset cpu-128")[1]
+    assert cv.recipe_id("--preset cpu-224")[1] == cv.recipe_id(spelled)[1]
+    assert cv.recipe_id("--preset cpu-224")[1] != cv.recipe_id("--preset cpu")[1]
     before = cv.recipe_id("--preset cpu")[1]
     presets = tmp_path / "configs"
     shutil.copytree(lungtf.config.PRESET_DIR, presets)
     text = (presets / "cpu.yaml").read_text()
-    (presets / "cpu.yaml").write_text(text.replace("scratch_epochs: 16", "scratch_epochs: 17"))
+    (presets / "cpu.yaml").write_text(text.replace("scratch_epochs: 34", "scratch_epochs: 35"))
     monkeypatch.setattr(lungtf.config, "PRESET_DIR", presets)
     assert cv.recipe_id("--preset cpu")[1] != before

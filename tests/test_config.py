@@ -93,7 +93,7 @@ def test_resolution_order_defaults_preset_file_flags(tmp_path):
 
 
 def test_resolution_rejects_unknown_preset_and_keys(tmp_path):
-    with pytest.raises(ValueError, match="preset must be one of cpu, cpu-128, gpu; got 'tpu'"):
+    with pytest.raises(ValueError, match="preset must be one of cpu, cpu-224, gpu; got 'tpu'"):
         resolve_run_config("tpu")
     with pytest.raises(ValueError, match="unknown TrainConfig keys \\['epoch'\\]"):
         resolve_run_config(None, None, {"train": {"epoch": 3}})
@@ -105,15 +105,14 @@ def test_both_presets_load_and_state_their_recipe():
     assert gpu.backbones == ("resnet50", "resnet50d", "efficientnetv2_rw_t", "regnet", "resnet34")
     assert gpu.model.weights == "imagenet"
     cpu = resolve_run_config("cpu")
-    assert cpu.model.weights == "none" and (cpu.data.image_size, cpu.data.crop_size) == (224, 112)
-    assert cpu.train.precision == "mixed_bfloat16" and cpu.backbones == ("regnet:400mf",)
-    # cpu and cpu-128 are the arms bench/cv.py paired: they differ in these five settings only
-    flags = {"data": {"image_size": 128, "crop_size": 64},
-             "train": {"scratch_epochs": 34, "precision": "float32"},
-             "backbones": ["regnet:200mf"]}
-    small = resolve_run_config("cpu-128")
-    assert small == replace(resolve_run_config("cpu", None, flags), preset="cpu-128")
-    for cfg in (gpu, cpu, small):
+    assert cpu.model.weights == "none" and cpu.data.image_size < 224
+    # cpu-224 is the arm bench/cv.py paired with cpu: the cpu preset with five flags changed
+    flags = {"data": {"image_size": 224, "crop_size": 112},
+             "train": {"scratch_epochs": 16, "precision": "mixed_bfloat16"},
+             "backbones": ["regnet:400mf"]}
+    assert resolve_run_config("cpu-224") == replace(resolve_run_config("cpu", None, flags),
+                                                     preset="cpu-224")
+    for cfg in (gpu, cpu):
         cfg.data.validate()
         cfg.model.validate()
         cfg.train.validate()

@@ -90,7 +90,7 @@ def tiles(tmp_path_factory):
 
 def _argv(tiles, out, backbones: str, *flags: str) -> list[str]:
     return [
-        "--preset", "cpu-128", "--data", str(tiles), "--backbones", backbones, "--image-size", "32",
+        "--preset", "cpu", "--data", str(tiles), "--backbones", backbones, "--image-size", "32",
         "--crop-size", "0", "--batch-size", "8", "--scratch-epochs", "1", "--weights", "none",
         "--output", str(out), "--name", "iso", "--verbose", "0", *flags,
     ]  # fmt: skip

@@ -83,7 +83,7 @@ def start_workers(data: Path, output: Path, logs: Path, attempt: int) -> list[su
     """Start worker 0 (the chief) and worker 1 with the same command and their own TF_CONFIG."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     argv = [
-        sys.executable, "-c", PROBE_TRAIN, "--preset", "cpu-128", "--distribution", "multiworker",
+        sys.executable, "-c", PROBE_TRAIN, "--preset", "cpu", "--distribution", "multiworker",
         "--data", str(data), "--backbones", BACKBONE, "--weights", "none", "--image-size", "32",
         "--crop-size", "0", "--batch-size", "8", "--scratch-epochs", str(EPOCHS),
         "--output", str(output), "--name", NAME, "--verbose", "0",

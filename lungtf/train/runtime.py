@@ -28,8 +28,7 @@ def visible_gpus() -> int:
 
 
 def choose_preset(requested: str | None) -> str:
-    """The preset to use: ``requested`` when given, else ``gpu`` with a GPU visible, else ``cpu``
-    on a CPU with bfloat16 arithmetic (``cpu_has_bf16``), else ``cpu-128``.
+    """The preset to use: ``requested`` when given, else ``gpu`` with a GPU visible, else ``cpu``.
 
     The automatic choice is logged, so a reader of the run log knows why a recipe was used.
     """
@@ -39,13 +38,8 @@ def choose_preset(requested: str | None) -> str:
     if gpus:
         log.info("%d GPU(s) visible: preset 'gpu' chosen automatically", gpus)
         return "gpu"
-    if cpu_has_bf16():
-        log.info("no GPU visible: preset 'cpu' chosen automatically (pass --preset gpu to override)")
-        return "cpu"
-    log.info("no GPU visible and no bfloat16 on this CPU: preset 'cpu-128' chosen automatically "
-             "(the 224 px 'cpu' preset would train in float32 here, about twice as slow; pass "
-             "--preset cpu or --preset gpu to override)")
-    return "cpu-128"
+    log.info("no GPU visible: preset 'cpu' chosen automatically (pass --preset gpu to override)")
+    return "cpu"
 
 
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
