@@ -52,6 +52,49 @@ def write_tile(path: Path, seed: int, size: int = 40, cls: int = 0) -> Path:
     return path
 
 
+def write_grouped_tiles(root: Path, per_class: int, group_size: int) -> Path:
+    """``per_class`` synthetic 40 px tiles per class under ``root/<class>/`` in source groups of
+    ``group_size`` consecutive tiles, with ``root/groups.csv`` (path,label,group); returns ``root``."""
+    rows = []
+    for c, name in enumerate(CLASS_NAMES):
+        for i in range(per_class):
+            path = write_tile(root / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
+            rows.append(f"{name}/{path.name},{name},{name}-{i // group_size}")
+    (root / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def lc25000_copy(image: np.ndarray, zoom: float, angle: float, centre: tuple[float, float],
+                 flip: tuple[bool, bool], border: int) -> np.ndarray:
+    """A copy as LC25000's missed ones look: zoomed in about an off-centre point (``centre``: -1..1
+    of the reach that keeps the view inside the tile), rotated, corners filled by ``border``
+    (mirror reflection: a kaleidoscope border), flipped left-right and/or top-bottom."""
+    import cv2
+
+    side = image.shape[0]
+    reach = 0.5 * side * (1 - 1 / zoom)
+    cx, cy = side / 2 + centre[0] * reach, side / 2 + centre[1] * reach
+    warp = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
+    warp[:, 2] += (side / 2 - cx, side / 2 - cy)
+    out = cv2.warpAffine(image, warp, (side, side), flags=cv2.INTER_CUBIC, borderMode=border)
+    out = out[:, ::-1] if flip[0] else out
+    return np.ascontiguousarray(out[::-1] if flip[1] else out)
+
+
+def two_benign_sources(shared_data: Path) -> tuple[list[str], np.ndarray]:
+    """Two tiles each of two shared benign source tiles (the 1st and 4th groups), as paths, and
+    the first tile's RGB pixels."""
+    import csv
+
+    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["label"] == "lung_n"]
+    first, second = sorted({r["group"] for r in rows})[:6:3]
+    paths = [str(shared_data / r["path"]) for g in (first, second)
+             for r in [r for r in rows if r["group"] == g][:2]]
+    with Image.open(paths[0]) as im:
+        return paths, np.asarray(im.convert("RGB"))
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     """A class-folder dataset: 3 classes x 8 tiny JPEG tiles (40 px), real files on disk."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import write_tile
+from conftest import write_grouped_tiles
 
 from bench import cv
 from lungtf.constants import CLASS_NAMES
@@ -41,14 +41,7 @@ def probe_backbone():
 @pytest.fixture
 def grouped_tiles(tmp_path) -> Path:
     """3 classes x 5 source tiles x 3 copies (40 px) and their groups.csv."""
-    root = tmp_path / "lung_image_sets"
-    rows = []
-    for c, name in enumerate(CLASS_NAMES):
-        for i in range(15):
-            path = write_tile(root / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
-            rows.append(f"{name}/{path.name},{name},{name}-{i // 3}")
-    (root / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
-    return root
+    return write_grouped_tiles(tmp_path / "lung_image_sets", 15, 3)
 
 
 def test_two_recipes_on_two_folds_pair_and_resume(probe_backbone, grouped_tiles, tmp_path, capsys):

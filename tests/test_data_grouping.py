@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import lc25000_copy, two_benign_sources
 from PIL import Image, ImageEnhance
 from scipy import ndimage
 from sklearn.metrics import adjusted_rand_score
@@ -192,23 +193,6 @@ def test_strictness_trades_merging_for_purity_and_stages_are_counted(tmp_path):
         grouping.detect_groups(paths, labels, strictness="loose")
 
 
-def _lc25000_copy(image: np.ndarray, zoom: float, angle: float, centre: tuple[float, float],
-                  flip: tuple[bool, bool], border: int) -> np.ndarray:
-    """A copy as LC25000's missed ones look: zoomed in about an off-centre point (``centre``: -1..1
-    of the reach that keeps the view inside the tile), rotated, corners filled by ``border``
-    (mirror reflection: a kaleidoscope border), flipped left-right and/or top-bottom."""
-    import cv2
-
-    side = image.shape[0]
-    reach = 0.5 * side * (1 - 1 / zoom)
-    cx, cy = side / 2 + centre[0] * reach, side / 2 + centre[1] * reach
-    warp = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
-    warp[:, 2] += (side / 2 - cx, side / 2 - cy)
-    out = cv2.warpAffine(image, warp, (side, side), flags=cv2.INTER_CUBIC, borderMode=border)
-    out = out[:, ::-1] if flip[0] else out
-    return np.ascontiguousarray(out[::-1] if flip[1] else out)
-
-
 def test_zoomed_rotated_mirror_bordered_copies_of_real_tiles_join_their_source(shared_data,
                                                                                  tmp_path):
     """Copies of three real benign source tiles (zoomed 1.6-2.5x off-centre, rotated by any
@@ -238,7 +222,7 @@ def test_zoomed_rotated_mirror_bordered_copies_of_real_tiles_join_their_source(s
             image = np.asarray(im.convert("RGB"))
         for i, spec in enumerate(specs):
             path = tmp_path / f"{source}-copy{i}.jpeg"
-            Image.fromarray(_lc25000_copy(image, *spec)).save(path, quality=90)
+            Image.fromarray(lc25000_copy(image, *spec)).save(path, quality=90)
             paths.append(str(path))
             truth.append(source)
             copy.append(True)
@@ -256,15 +240,9 @@ def test_weak_correlation_joining_two_groups_needs_keypoints(shared_data, tmp_pa
     between two sources' tiles; strong pairs are never checked."""
     import cv2
 
-    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["label"] == "lung_n"]
-    first, second = sorted({r["group"] for r in rows})[:6:3]
-    paths = [str(shared_data / r["path"]) for g in (first, second)
-             for r in [r for r in rows if r["group"] == g][:2]]
-    with Image.open(paths[0]) as im:
-        image = np.asarray(im.convert("RGB"))
+    paths, image = two_benign_sources(shared_data)
     copy = tmp_path / "copy.jpeg"
-    Image.fromarray(_lc25000_copy(image, 1.7, 130, (0.4, -0.3), (True, False),
+    Image.fromarray(lc25000_copy(image, 1.7, 130, (0.4, -0.3), (True, False),
                                   cv2.BORDER_REFLECT)).save(copy, quality=90)
     paths.append(str(copy))
     pairs = np.array([[0, 1], [2, 3], [1, 2], [0, 4]])  # within, within, across, tile-copy
@@ -306,7 +284,7 @@ def test_strongly_zoomed_soft_copy_is_found_inside_its_source(shared_data, tmp_p
     with Image.open(shared_data / "lung_n" / "lungn4724.jpeg") as im:  # a lung_n-234 tile
         image = np.asarray(im.convert("RGB"))
     copy = tmp_path / "copy.jpeg"
-    Image.fromarray(_lc25000_copy(image, 2.474, 149.4, (0.987, 0.219), (False, False),
+    Image.fromarray(lc25000_copy(image, 2.474, 149.4, (0.987, 0.219), (False, False),
                                   cv2.BORDER_REFLECT_101)).save(copy, quality=90)
     paths.append(str(copy))
     stages = {}

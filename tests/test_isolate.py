@@ -14,10 +14,9 @@ from dataclasses import replace
 
 import keras
 import pytest
-from conftest import write_tile
+from conftest import write_grouped_tiles
 
 from lungtf.config import RunConfig, TrainConfig
-from lungtf.constants import CLASS_NAMES
 from lungtf.train import main
 from lungtf.train.cli import build_parser
 from lungtf.train.isolate import in_child_processes, planned_jit, resolve_backbone_process
@@ -78,14 +77,7 @@ def log_to_this_tests_stderr():
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory):
     """3 classes x 12 tiles (40 px) in groups of two, with a groups.csv beside them."""
-    root = tmp_path_factory.mktemp("data") / "lung_image_sets"
-    rows = []
-    for c, name in enumerate(CLASS_NAMES):
-        for i in range(12):
-            path = write_tile(root / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
-            rows.append(f"{name}/{path.name},{name},{name}-{i // 2}")
-    (root / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
-    return root
+    return write_grouped_tiles(tmp_path_factory.mktemp("data") / "lung_image_sets", 12, 2)
 
 
 def _argv(tiles, out, backbones: str, *flags: str) -> list[str]:

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_tile
+from conftest import write_grouped_tiles, write_tile
 
 from lungtf.config import ModelConfig, dump_yaml, load_yaml, resolve_run_config
 from lungtf.constants import CLASS_NAMES
@@ -40,13 +40,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """3 classes x 20 tiles (40 px) in groups of two, a groups.csv beside them, one broken file."""
-    root = tmp_path_factory.mktemp("data") / "lung_image_sets"
-    rows = []
-    for c, name in enumerate(CLASS_NAMES):
-        for i in range(20):
-            path = write_tile(root / name / f"{name}{i}.jpeg", seed=100 * c + i, cls=c)
-            rows.append(f"{name}/{path.name},{name},{name}-{i // 2}")
-    (root / "groups.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
+    root = write_grouped_tiles(tmp_path_factory.mktemp("data") / "lung_image_sets", 20, 2)
     (root / "lung_n" / "broken.jpeg").write_bytes(b"not a jpeg at all")
     return root
 

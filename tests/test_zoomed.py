@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
+from conftest import lc25000_copy, two_benign_sources
 from PIL import Image
 
 from lungtf.data import zoomed
@@ -20,20 +19,9 @@ def test_zoomed_copy_is_found_in_its_source_tile_and_not_in_another(shared_data,
     members of its group (other rotations and zooms of the source), hence ``MEMBERS``."""
     import cv2
 
-    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["label"] == "lung_n"]
-    first, second = sorted({r["group"] for r in rows})[:6:3]
-    paths = [str(shared_data / r["path"]) for g in (first, second)
-             for r in [r for r in rows if r["group"] == g][:2]]
-    with Image.open(paths[0]) as im:
-        image = np.asarray(im.convert("RGB"))
-    side, zoom = image.shape[0], 2.0
-    centre = (side / 2 + 0.4 * side * (1 - 1 / zoom) / 2, side / 2 - 0.3 * side * (1 - 1 / zoom) / 2)
-    warp = cv2.getRotationMatrix2D(centre, 140, zoom)
-    warp[:, 2] += (side / 2 - centre[0], side / 2 - centre[1])
-    copy = cv2.warpAffine(image, warp, (side, side), flags=cv2.INTER_CUBIC,
-                          borderMode=cv2.BORDER_REFLECT)[:, ::-1]
-    Image.fromarray(np.ascontiguousarray(copy)).save(tmp_path / "copy.jpeg", quality=90)
+    paths, image = two_benign_sources(shared_data)
+    copy = lc25000_copy(image, 2.0, 140, (0.4, -0.3), (True, False), cv2.BORDER_REFLECT)
+    Image.fromarray(copy).save(tmp_path / "copy.jpeg", quality=90)
     paths.append(str(tmp_path / "copy.jpeg"))
 
     templates = zoomed.Templates(paths[-1])
