@@ -59,6 +59,8 @@ def planned_jit(train: TrainConfig, gpus: int) -> bool:
     """XLA as ``runtime.resolve_jit`` decides it, without building the distribution strategy:
     on a GPU that would reserve the device's memory in the parent, leaving none to its
     children. XLA needs a single replica (``auto``: and a GPU)."""
+    from lungtf.train.runtime import resolve_jit
+
     if train.jit_compile is False:
         return False
     mirrored = train.distribution == "mirrored" or (train.distribution == AUTO and gpus > 1)
@@ -66,8 +68,8 @@ def planned_jit(train: TrainConfig, gpus: int) -> bool:
         import tensorflow as tf
 
         if gpus or len(tf.config.list_logical_devices("CPU")) > 1:
-            return False
-    return bool(gpus) or train.jit_compile is True
+            return False  # several replicas: no XLA (the runtime's resolve_jit warns why)
+    return resolve_jit(train.jit_compile, gpus, replicas=1)
 
 
 def _unimportable(entries: tuple[str, ...]) -> list[str]:
