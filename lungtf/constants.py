@@ -22,6 +22,10 @@ BENIGN_CLASSES: frozenset[str] = frozenset({"lung_n"})
 
 NUM_CLASSES: int = len(CLASS_NAMES)
 
+BUSY_MESSAGE = "the server is busy"
+"""How the dev server's RESOURCE_EXHAUSTED refusals for load begin (``lungtf.serving.admission``);
+``lungtf.client`` retries those, and no other RESOURCE_EXHAUSTED."""
+
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 """Split names used in manifests, in ratio order."""
 

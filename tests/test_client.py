@@ -141,7 +141,7 @@ def test_metadata_status_and_server_errors(served: dict) -> None:
         client.predict([3])
 
 
-def test_only_unavailable_is_retried_with_backoff(served: dict) -> None:
+def test_unavailable_is_retried_with_backoff_and_not_found_is_not(served: dict) -> None:
     import socket
 
     with socket.socket() as sock:  # a loopback port nobody listens on
@@ -152,7 +152,8 @@ def test_only_unavailable_is_retried_with_backoff(served: dict) -> None:
     with pytest.raises(LungClientError) as err:
         client.status()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
-    assert time.perf_counter() - start >= 0.2 + 0.4  # two backoffs
+    assert time.perf_counter() - start >= 0.1 + 0.2  # two backoffs, at least half of 0.2 and 0.4
+    assert err.value.attempts == 3 and "gave up after 3 attempt(s)" in err.value.message
     start = time.perf_counter()
     with pytest.raises(LungClientError) as err:
         LungClient(served["target"], retries=2, backoff=1.0, model_name="colon").status()

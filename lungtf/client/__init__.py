@@ -4,6 +4,7 @@ Modules:
     api: ``LungClient`` (predict, explain, status) and what it returns, TLS credentials, the
         batch splitting under the exported model's limits.
     cli: ``python -m lungtf.client predict|status|explain`` and ``main(argv)``.
+    retry: ``LungClientError``; which refusals are retried (``retryable``) and the backoff.
 """
 
 from lungtf.client.api import (

@@ -3,8 +3,9 @@
 ``LungClient(target).predict(images)`` sends encoded images to the ``serving_default`` signature
 and returns one ``Prediction`` per image. Outputs are read with ``tf.make_ndarray``, which handles
 both the typed fields TF Serving sends (``float_val``...) and the ``tensor_content`` bytes other
-servers send. Every call has a deadline; only UNAVAILABLE (server starting, connection dropped) is
-retried, a bounded number of times with exponential backoff, because retrying any other status
+servers send. Every call has one deadline, retries included; only transient refusals are retried
+(UNAVAILABLE, and the dev server's RESOURCE_EXHAUSTED "the server is busy"; ``lungtf.client.retry``),
+a bounded number of times with exponential backoff and jitter, because retrying any other status
 would repeat a request the server already judged. Large batches are split under a byte budget and
 under the exported model's own limits (``lungtf.constants``): at most ``MAX_BATCH_IMAGES`` images
 and ``MAX_BATCH_PIXELS`` declared pixels a request, the pixels read from each image's header.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from lungtf.client.retry import LungClientError, call_with_retries
 from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES, MAX_BATCH_PIXELS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -67,20 +68,6 @@ class Explanation:
 
     prediction: Prediction
     heatmap: Any
-
-
-class LungClientError(Exception):
-    """A call the server answered with a non-OK status (or that timed out).
-
-    Attributes:
-        code: the ``grpc.StatusCode``.
-        message: the server's details string.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
 
 
 def encode_image(image: Any) -> bytes:
@@ -205,14 +192,17 @@ class LungClient:
 
     Args:
         target: ``HOST:PORT`` of the gRPC endpoint.
-        timeout: deadline of each call in seconds.
+        timeout: deadline of each call in seconds, its retries and their waits included.
         max_batch_bytes: encoded bytes per Predict request; larger inputs are split.
         max_batch_images: images per Predict request, at most ``MAX_BATCH_IMAGES`` (what the
             exported signatures take). Requests are also split at ``MAX_BATCH_PIXELS``.
         model_name: ``model_spec.name``.
         version: a fixed model version; the server's newest when ``None``.
-        retries: extra attempts after UNAVAILABLE.
-        backoff: seconds before the first retry, doubled each time.
+        retries: extra attempts after a transient refusal (``lungtf.client.retry.retryable``:
+            UNAVAILABLE, RESOURCE_EXHAUSTED "the server is busy").
+        backoff: seconds before the first retry, doubled each time up to ``max_backoff``; each
+            wait is between half of that and all of it (jitter).
+        max_backoff: the longest wait between two attempts, in seconds.
         credentials: TLS channel credentials (``channel_credentials``); plaintext when ``None``.
     """
 
@@ -226,6 +216,7 @@ class LungClient:
         version: int | None = None,
         retries: int = 3,
         backoff: float = 0.2,
+        max_backoff: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if max_batch_bytes < 1 or not 1 <= max_batch_images <= MAX_BATCH_IMAGES:
@@ -236,7 +227,7 @@ class LungClient:
         self.target, self.timeout = target, timeout
         self.max_batch_bytes, self.max_batch_images = max_batch_bytes, max_batch_images
         self.model_name, self.version = model_name, version
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -253,15 +244,9 @@ class LungClient:
         self._channel.close()
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return method(request, timeout=self.timeout)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
-                    raise LungClientError(err.code(), err.details() or "") from None
-            time.sleep(self.backoff * 2**attempt)
-            attempt += 1
+        return call_with_retries(
+            method, request, self.timeout, self.retries, self.backoff, self.max_backoff
+        )
 
     def _request(self, signature: str) -> Any:
         request = predict_pb2.PredictRequest()

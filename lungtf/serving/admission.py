@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from lungtf.constants import BUSY_MESSAGE
 from lungtf.heap import trim_heap
 from lungtf.serving.limits import Limits, MiB
 
@@ -252,7 +253,7 @@ class Admission(grpc.ServerInterceptor):
         except LineFull:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is busy: {slots.line} call(s) wait for their request messages to be "
+                f"{BUSY_MESSAGE}: {slots.line} call(s) wait for their request messages to be "
                 "read, as many as " + ("it takes health checks at once" if small else
                                        f"{WAITING_PER_WORKER} x --workers allows") + "; retry later",
             )
@@ -264,7 +265,7 @@ class Admission(grpc.ServerInterceptor):
         if not taken:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is busy: {slots.count} call(s) reading their requests, as many as "
+                f"{BUSY_MESSAGE}: {slots.count} call(s) reading their requests, as many as "
                 + ("it reads health checks at once" if small else "--max-inflight-bytes / "
                    "(2 x --max-message-bytes) allows") + "; retry later",
             )
@@ -312,7 +313,7 @@ class Admission(grpc.ServerInterceptor):
                 raw = None  # dropped now, not when the abort's traceback goes
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the server is busy: {self.budget.used} bytes of requests in flight, "
+                    f"{BUSY_MESSAGE}: {self.budget.used} bytes of requests in flight, "
                     f"this one {size}, at most {self.budget.limit} together "
                     "(--max-inflight-bytes); retry later",
                 )
