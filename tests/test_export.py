@@ -21,7 +21,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from test_models import HARNESS_VARIANT
 from test_models import SIZE as HARNESS_SIZE
 
-from lungtf import export
+from lungtf import export, export_signatures
 from lungtf.config import ModelConfig
 from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES
 from lungtf.data.hostile import png_header
@@ -248,7 +248,9 @@ def test_export_traces_each_graph_once(
 
         return call
 
-    monkeypatch.setattr(export, "decode_and_resize", counting("decode", export.decode_and_resize))
+    monkeypatch.setattr(  # where build_signatures looks it up
+        export_signatures, "decode_and_resize", counting("decode", export.decode_and_resize)
+    )
     monkeypatch.setattr(
         gradcam, "gradcam_tensors", counting("gradcam", gradcam.gradcam_tensors)
     )
