@@ -24,10 +24,10 @@ MiB = 2**20
 @pytest.fixture(scope="module")
 def one_worker(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """``tiny_run``'s SavedModel served with ``--workers 1`` (a line of 3 calls waiting to be
-    read), 1 MiB messages and 5 s to send a message."""
+    read), 1 MiB messages and 20 s to send a message (the silent calls hold until cancelled)."""
     root = tmp_path_factory.mktemp("one_worker")
     args = ["--model-base-path", str(tiny_run / "best" / "saved_model"), "--workers", "1",
-            "--max-message-bytes", str(MiB), "--max-read-seconds", "5"]  # fmt: skip
+            "--max-message-bytes", str(MiB), "--max-read-seconds", "20"]  # fmt: skip
     proc = launch(args, root / "log")
     target = wait_ready(proc, root / "log")
     channel = grpc.insecure_channel(target)
