@@ -29,10 +29,13 @@ learned features and no downloads:
    best, two large groups only on strong evidence); a group still small, or an image joined only
    by a colour-gated correlation, is then matched directly (``keypoints.join_unsure``) against
    the groups of its nearest images by descriptor.
-6. A soft image still in a small group (a copy zoomed in so far that it has few keypoints) is
-   looked for inside members of the ``ZOOM_GROUPS`` large groups of closest stain colour,
-   shrunk back by its zoom, at every rotation (``zoomed.join_zoomed``), and joins the group it
-   is found in best by ``ZOOM_MARGIN`` over the second.
+6. One image of each group still small (its soft image if it has one: a copy zoomed in so far
+   that it has few keypoints) is looked for inside members of the ``ZOOM_GROUPS`` large groups
+   of closest stain colour (past the first ``zoomed.FINE_GROUPS`` only the best of a coarse
+   search), shrunk back by its zoom (a sharp image also unzoomed), at every rotation
+   (``zoomed.join_zoomed``), and joins the group it is found in best by ``ZOOM_MARGIN`` over
+   the second; under ``safe``, an unclear match joins every group within the margin
+   (``ZOOM_AMBIGUOUS``).
 7. Groups still small join the large group of closest stain colour: splitting a true group
    leaks while merging two does not.
 
@@ -42,6 +45,7 @@ Measured on the 6,036 shared LC25000 tiles by ``bench/grouping.py``.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -81,14 +85,22 @@ STRICTNESS = dict(zip(GROUPING_STRICTNESS, (9.0, 3.0, 0.0)))
 small after every matching stage joins a large group. A wrongly merged pair costs a little
 stratification; a missed pair leaks. ``safe`` (the default) joins nearly every small group,
 ``strict`` none (purer groups, more leak)."""
-ZOOM_GROUPS = 12
-"""Large groups of closest stain colour that a soft image of a small group is searched in
-(``zoomed.join_zoomed``). On the tuning third with realistic copies, the 9 such images' own
-groups ranked 0-9 by colour: stain colour alone attached 3 of them to another source."""
+ZOOM_GROUPS = 36
+"""Large groups of closest stain colour that an image of a small group is searched in
+(``zoomed.join_zoomed``; the first ``zoomed.FINE_GROUPS`` fully, the others coarsely first). On
+the tuning third with realistic copies, 9 soft images' own groups ranked 0-9 by colour; held out
+(seen, not tuned on) 2 of 5 ranked past 12 (one source's group merged with another's, which
+moved its mean colour). Stain colour alone attached 3 of the 9 tuning images to another source."""
+ZOOM_AMBIGUOUS = dict(zip(GROUPING_STRICTNESS, (3, 1, 1)))
+"""``detect_groups``'s ``strictness`` -> the most candidate groups a small group's image joins
+when none beats the others by ``ZOOM_MARGIN`` (all within the margin of the best;
+``zoomed.join_zoomed``): ``safe`` merges when unsure, ``balanced`` and ``strict`` leave such an
+image to the stain-colour stage."""
 ZOOM_MARGIN = dict(zip(GROUPING_STRICTNESS, (0.02, 0.05, zoomed.MARGIN)))
-"""``detect_groups``'s ``strictness`` -> the margin by which a soft image of a small group must
-match one candidate group better than any other to join it (``zoomed.join_zoomed``); below it the
-image is left to the stain-colour stage. On the tuning third the 9 such images of two runs with
+"""``detect_groups``'s ``strictness`` -> the margin by which an image of a small group must
+match one candidate group better than any other to join it alone (``zoomed.join_zoomed``);
+below it the image joins every group within the margin (``ZOOM_AMBIGUOUS``) or is left to the
+stain-colour stage. On the tuning third the 9 such images of two runs with
 realistic copies matched their own source best, by 0.023-0.23. When the own group is not among
 the candidates, stain colour would attach the image to another source too; ``strict`` asks for
 the margin unrelated groups did not reach (``zoomed.MARGIN``)."""
@@ -168,25 +180,28 @@ class _Prepared:
                 nearest[block, :take] = m[np.argpartition(distance, take - 1, axis=1)[:, :take]]
         return nearest
 
-    def zoom_queries(self, component: np.ndarray, small: int) -> tuple[list[int], list[np.ndarray]]:
-        """The first soft image (``SOFT``) of each group smaller than ``small`` that holds one, and
-        per such image the ``ZOOM_GROUPS`` large groups of its label of closest stain colour (mean
-        over the group) to search it in (``zoomed.join_zoomed``)."""
+    def zoom_queries(self, component: np.ndarray, small: int
+                     ) -> tuple[list[int], list[np.ndarray], list[bool]]:
+        """One image of each group smaller than ``small`` (its first soft image, ``SOFT``, else
+        its first), per such image the ``ZOOM_GROUPS`` large groups of its label of closest stain
+        colour (mean over the group), nearest first, to search it in (``zoomed.join_zoomed``),
+        and whether it is soft."""
         sizes = np.bincount(component)
         soft = self.features.softness < SOFT
-        queries, candidates = [], []
+        queries, candidates, softs = [], [], []
         for m in self.members:
             large = np.unique(component[m][sizes[component[m]] >= small])
             if len(large) < 2:
                 continue
             centre = np.stack([self.colour[m][component[m] == c].mean(0) for c in large])
             for c in np.unique(component[m][sizes[component[m]] < small]):
-                inside = m[(component[m] == c) & soft[m]]
-                if len(inside):
-                    distance = np.linalg.norm(centre - self.colour[inside[0]], axis=1)
-                    queries.append(int(inside[0]))
-                    candidates.append(large[np.argsort(distance)[:ZOOM_GROUPS]])
-        return queries, candidates
+                inside = m[component[m] == c]
+                query = int(inside[soft[inside]][0] if soft[inside].any() else inside[0])
+                distance = np.linalg.norm(centre - self.colour[query], axis=1)
+                queries.append(query)
+                candidates.append(large[np.argsort(distance, kind="stable")[:ZOOM_GROUPS]])
+                softs.append(bool(soft[query]))
+        return queries, candidates, softs
 
     def attach(self, component: np.ndarray, small: int, max_distance: float) -> np.ndarray:
         """Join each group smaller than ``small`` to the large group of closest stain colour.
@@ -319,7 +334,8 @@ def detect_groups(
             when unsure).
         stages: if given, filled with the group count after the log-polar pairs, the weak
             correlations a keypoint check refused (``CONFIRM``), the groups each later stage
-            joined (``keypoint links``, ``direct keypoint check``, ``stain colour``), and the
+            joined (``keypoint links``, ``direct keypoint check``, ``zoomed template match``,
+            ``stain colour``), the images the zoomed stage searched and its seconds, and the
             final ``groups``.
         **options: tuning passed on as in ``near_duplicates`` (``threshold``, ``neighbours``, ...),
             and ``confirm`` (``CONFIRM``).
@@ -357,12 +373,16 @@ def detect_groups(
     before = len(np.unique(component))
     component = components(pairs, len(paths))
     counts["joined by direct keypoint check"] = before - len(np.unique(component))
-    queries, candidates = prepared.zoom_queries(component, small)
-    pairs = np.concatenate([pairs, zoomed.join_zoomed(paths, component, queries, candidates,
-                                                      prepared.workers, ZOOM_MARGIN[strictness])])
+    started = time.perf_counter()
+    queries, candidates, soft = prepared.zoom_queries(component, small)
+    pairs = np.concatenate([pairs, zoomed.join_zoomed(
+        paths, component, queries, candidates, prepared.workers, ZOOM_MARGIN[strictness],
+        soft=soft, ambiguous=ZOOM_AMBIGUOUS[strictness])])
     before = len(np.unique(component))
     component = components(pairs, len(paths))
     counts["joined by zoomed template match"] = before - len(np.unique(component))
+    counts["images searched by zoomed template match"] = len(queries)
+    counts["zoomed template match seconds"] = round(time.perf_counter() - started)
     before = len(np.unique(component))
     component = prepared.attach(component, small, attach)
     counts["joined by stain colour"] = before - len(np.unique(component))

@@ -9,7 +9,11 @@ rotates it every ``ANGLE_STEP`` degrees, mirrored or not, and finds each of thes
 few members of every candidate group: the disc-masked normalised cross-correlation at every
 position, computed with FFTs for all templates of one zoom at once. The copy's own source scores
 above the other groups; a smooth image correlates well with any tissue, so it is the margin over
-the second best group that counts (``MARGIN``), not the score.
+the second best group that counts (``MARGIN``), not the score. When the margin is not clear, the
+caller may have the image join every group within it (merge when unsure). A sharp image (a real
+tile left alone) is searched the same way, unzoomed too. Candidate groups past the stain-colour
+nearest ``FINE_GROUPS`` are ranked first by a cheap coarse search (``COARSE``), and only the best
+few searched fully, so an own group that colour ranks low is still found.
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ MEMBERS = 16
 """Evenly spaced members of each candidate group searched. A copy shows part of its source,
 which not every member of the source's group shows: with 6 members the own group of 2 of 9 soft
 images on the tuning third ranked below another group, with 16 none did."""
+FOUND = 0.6
+"""Correlation the best group must reach for an unclear match to join several groups: below it
+the image may be in none of them, and joining them all would merge unrelated large groups.
+Soft copies scored 0.82 or more in their own group on the tuning third; unrelated synthetic
+textures 0.33-0.39. (A sharp tile matches less well, 0.43-0.61 in its own group at the
+20-degree steps, others up to 0.41: a clear margin joins it whatever its score.)"""
+SHARP_ZOOMS = (1.0, *ZOOMS)
+"""Zooms a sharp (not soft) image is searched at: it may be an unzoomed copy too."""
+FINE_GROUPS = 12
+"""Candidate groups (nearest by stain colour) always searched fully."""
+COARSE = {"size": 56, "angle_step": 30, "members": 4}
+"""The coarse search that ranks the candidate groups past ``FINE_GROUPS``: thumbnails of this
+side, this angle step, this many members per group."""
+COARSE_BEST = 4
+"""Best-ranked groups of the coarse search that are then searched fully."""
 MARGIN = 0.1
 """Correlation by which the best candidate group must beat the second best to be joined when
 unsure images are otherwise left alone (``grouping.ZOOM_MARGIN``, ``strict``).
@@ -52,16 +71,18 @@ def _grey(path: str, size: int) -> np.ndarray:
 class Templates:
     """The central disc of one image, shrunk by every zoom, rotated and mirrored, as spectra.
 
-    The image is read at twice ``SIZE``, so a template shrunk by zoom ``z`` has the scale of its
-    source at ``SIZE`` when the image is a ``z``-times zoomed-in copy. Per zoom: the conjugate
+    The image is read at twice ``size``, so a template shrunk by zoom ``z`` has the scale of its
+    source at ``size`` when the image is a ``z``-times zoomed-in copy. Per zoom: the conjugate
     spectra of the zero-mean, unit-norm masked templates and of the mask.
     """
 
-    def __init__(self, path: str):
-        image = _grey(path, 2 * SIZE)
+    def __init__(self, path: str, zooms: tuple[float, ...] = ZOOMS, size: int = SIZE,
+                 angle_step: int = ANGLE_STEP):
+        self.size = size
+        image = _grey(path, 2 * size)
         self.zooms = []
-        for zoom in ZOOMS:
-            side = round(SIZE / zoom)
+        for zoom in zooms:
+            side = round(size / zoom)
             small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
             half = int(DISC * side)
             centre = (side - 1) / 2
@@ -70,7 +91,7 @@ class Templates:
             cut = slice(side // 2 - half, side // 2 + half)
             views = []
             for view in (small, np.ascontiguousarray(small[:, ::-1])):
-                for angle in np.arange(0, 360, ANGLE_STEP):
+                for angle in np.arange(0, 360, angle_step):
                     turn = cv2.getRotationMatrix2D((centre, centre), float(angle), 1)
                     views.append(cv2.warpAffine(view, turn, (side, side),
                                                 flags=cv2.INTER_LINEAR)[cut, cut])
@@ -78,44 +99,46 @@ class Templates:
             views -= mask * (views.sum((1, 2), keepdims=True) / mask.sum())
             views /= np.linalg.norm(views, axis=(1, 2), keepdims=True) + 1e-6
             self.zooms.append((2 * half, mask.sum(),
-                               np.conj(fft.rfft2(views, (SIZE, SIZE))).astype(np.complex64),
-                               np.conj(fft.rfft2(mask, (SIZE, SIZE))).astype(np.complex64)))
+                               np.conj(fft.rfft2(views, (size, size))).astype(np.complex64),
+                               np.conj(fft.rfft2(mask, (size, size))).astype(np.complex64)))
 
     def best(self, image: np.ndarray) -> float:
         """Highest masked normalised cross-correlation of any template anywhere in ``image``."""
         spectrum = fft.rfft2(image)
         squares = fft.rfft2(image.astype(np.float64) ** 2)
-        best = -1.0
+        best, size = -1.0, self.size
         for side, area, templates, mask in self.zooms:
-            valid = SIZE - side + 1
-            num = fft.irfft2(templates * spectrum, (SIZE, SIZE))[:, :valid, :valid]
-            total = fft.irfft2(mask * spectrum, (SIZE, SIZE))[:valid, :valid]
-            energy = fft.irfft2(mask * squares, (SIZE, SIZE))[:valid, :valid]
+            valid = size - side + 1
+            num = fft.irfft2(templates * spectrum, (size, size))[:, :valid, :valid]
+            total = fft.irfft2(mask * spectrum, (size, size))[:valid, :valid]
+            energy = fft.irfft2(mask * squares, (size, size))[:valid, :valid]
             spread = np.sqrt(np.maximum(energy - total**2 / area, 1e-3 * area))
             best = max(best, float((num.max(0) / spread).max()))
         return best
 
 
-def group_scores(paths: list[str], query: int, groups: list[np.ndarray], workers: int,
-                 cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
-    """Best correlation of image ``query``'s templates in ``MEMBERS`` members of each group.
+def group_scores(paths: list[str], query: int | Templates, groups: list[np.ndarray],
+                 workers: int, cache: dict | None = None, members: int = MEMBERS) -> np.ndarray:
+    """Best correlation of image ``query``'s templates in ``members`` members of each group.
 
     Args:
         paths: image files.
-        query: index of the (soft) image looked for.
+        query: index of the image looked for (templates at ``ZOOMS``), or its ``Templates``.
         groups: index arrays of the candidate groups' members.
         workers: threads.
-        cache: grey ``SIZE`` images by index, filled as they are read.
+        cache: grey images by ``(index, size)``, filled as they are read.
+        members: evenly spaced members searched per group (``MEMBERS``).
     """
     cache = {} if cache is None else cache
-    templates = Templates(paths[query])
-    chosen = [g[np.linspace(0, len(g) - 1, min(MEMBERS, len(g))).round().astype(int)]
+    templates = query if isinstance(query, Templates) else Templates(paths[query])
+    size = templates.size
+    chosen = [g[np.linspace(0, len(g) - 1, min(members, len(g))).round().astype(int)]
               for g in groups]
     flat = [int(i) for c in chosen for i in c]
-    for i in set(flat) - set(cache):
-        cache[i] = _grey(paths[i], SIZE)
+    for i in {i for i in flat if (i, size) not in cache}:
+        cache[i, size] = _grey(paths[i], size)
     with ThreadPoolExecutor(workers) as pool:  # the FFTs release the GIL
-        scores = list(pool.map(lambda i: templates.best(cache[i]), flat))
+        scores = list(pool.map(lambda i: templates.best(cache[i, size]), flat))
     out, start = [], 0
     for c in chosen:
         out.append(max(scores[start:start + len(c)]))
@@ -125,31 +148,55 @@ def group_scores(paths: list[str], query: int, groups: list[np.ndarray], workers
 
 def join_zoomed(paths: list[str], component: np.ndarray, queries: list[int],
                 candidates: list[np.ndarray], workers: int, margin: float = MARGIN,
-                scores: list | None = None) -> np.ndarray:
-    """Index pairs joining each query image to the candidate group it is found in.
+                scores: list | None = None, soft: list[bool] | None = None,
+                ambiguous: int = 1) -> np.ndarray:
+    """Index pairs joining each query image to the candidate group(s) it is found in.
+
+    Candidate groups past the first ``FINE_GROUPS`` are first ranked by a coarse search
+    (``COARSE``); the first ``FINE_GROUPS`` and the ``COARSE_BEST`` best of the others are then
+    searched fully. The best group is joined when it beats the second by ``margin``; otherwise,
+    when at most ``ambiguous`` groups lie within ``margin`` of the best and it reaches ``FOUND``,
+    the image joins all of them (merge when unsure: a wrong merge costs a little stratification,
+    a missed pair leaks).
 
     Args:
         paths: image files.
         component: current group of each image.
-        queries: images to place (soft images of small groups).
-        candidates: per query, the group ids (``component`` values) to search.
+        queries: images to place (one image of each small group).
+        candidates: per query, the group ids (``component`` values) to search, most likely first.
         workers: threads.
         margin: correlation by which the best group must beat the second best (``MARGIN``).
-        scores: if given, filled with ``(query, groups, correlations)`` per query.
+        scores: if given, filled with ``(query, groups, correlations)`` per query (the fully
+            searched groups).
+        soft: per query, whether it is soft (a zoomed-in copy: templates at ``ZOOMS``); a sharp
+            image is searched at zoom 1 as well (``SHARP_ZOOMS``). Default: all soft.
+        ambiguous: most groups an unclear match joins (1: none).
 
     Returns:
         int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
     """
-    cache: dict[int, np.ndarray] = {}
+    cache: dict = {}
     links = []
-    for query, groups in zip(queries, candidates):
+    soft = [True] * len(queries) if soft is None else soft
+    for query, groups, is_soft in zip(queries, candidates, soft):
+        groups = np.asarray(groups)
         if len(groups) < 2:
             continue
+        zooms = ZOOMS if is_soft else SHARP_ZOOMS
+        if len(groups) > FINE_GROUPS + COARSE_BEST:
+            rest = groups[FINE_GROUPS:]
+            coarse = group_scores(paths, Templates(paths[query], zooms, COARSE["size"],
+                                                   COARSE["angle_step"]),
+                                  [np.flatnonzero(component == g) for g in rest], workers, cache,
+                                  COARSE["members"])
+            groups = np.concatenate([groups[:FINE_GROUPS],
+                                     rest[np.argsort(-coarse, kind="stable")[:COARSE_BEST]]])
         members = [np.flatnonzero(component == g) for g in groups]
-        found = group_scores(paths, query, members, workers, cache)
+        found = group_scores(paths, Templates(paths[query], zooms), members, workers, cache)
         if scores is not None:
-            scores.append((query, np.asarray(groups), found))
-        first, second = np.sort(found)[::-1][:2]
-        if first - second >= margin:
-            links.append((query, members[int(found.argmax())][0]))
+            scores.append((query, groups, found))
+        order = np.argsort(-found, kind="stable")
+        close = order[found[order] > found[order[0]] - margin]
+        if len(close) == 1 or (len(close) <= ambiguous and found[order[0]] >= FOUND):
+            links += [(query, members[k][0]) for k in close]
     return np.array(links, int).reshape(-1, 2)
