@@ -172,13 +172,15 @@ def main() -> None:
 
     start, cpu = time.perf_counter(), time.process_time()
     stages: dict[str, int] = {}
-    found = grouping.detect_groups(paths, labels, stages=stages)
+    timings: dict[str, float] = {}
+    found = grouping.detect_groups(paths, labels, stages=stages, timings=timings)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 
     print(f"{len(paths)} tiles, {os.cpu_count()} CPUs, grouping wall time {seconds:.1f} s "
           f"({len(paths) / seconds:.0f} tiles/s), CPU time {cpu:.1f} s, load average "
           f"{os.getloadavg()[0]:.1f} (other processes slow the wall time)")
     print("stages: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    print("stage wall seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     print(f"{'class':<10} {'ARI':>6} {'found':>6} {'true':>5} {'true split':>11} {'found merged':>13}")
     true_of, found_of = np.array([truth[p] for p in paths]), np.array(found)
     for label in [c for c in CLASS_NAMES if c in set(labels)]:

@@ -295,6 +295,19 @@ def _confirm(pairs: np.ndarray, scores: np.ndarray, sift: keypoints.SiftCache,
     return pairs, len(refused)
 
 
+class _Clock:
+    """Wall seconds between successive ``lap`` calls, by name."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
+
+
 def components(pairs: np.ndarray, n: int) -> np.ndarray:
     """Connected-component index of each of ``n`` nodes joined by index ``pairs`` ``[M, 2]``."""
     graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -309,6 +322,7 @@ def detect_groups(
     workers: int | None = None,
     strictness: str = "safe",
     stages: dict[str, int] | None = None,
+    timings: dict[str, float] | None = None,
     **options,
 ) -> list[str]:
     """One near-duplicate group id per path.
@@ -337,6 +351,9 @@ def detect_groups(
             joined (``keypoint links``, ``direct keypoint check``, ``zoomed template match``,
             ``stain colour``), the images the zoomed stage searched and its seconds, and the
             final ``groups``.
+        timings: if given, filled with the wall seconds of each stage (``log-polar``,
+            ``keypoint confirm``, ``keypoint links``, ``direct keypoint check``, ``zoomed``,
+            ``stain colour``; SIFT features are extracted by the first stage that needs them).
         **options: tuning passed on as in ``near_duplicates`` (``threshold``, ``neighbours``, ...),
             and ``confirm`` (``CONFIRM``).
 
@@ -349,20 +366,24 @@ def detect_groups(
     attach = STRICTNESS[strictness] if attach is None else attach
     if not paths:
         return []
+    clock = _Clock()
     prepared = _Prepared(paths, labels, workers)
     confirm = options.pop("confirm", CONFIRM)
     settings = {"threshold": THRESHOLD, "low_threshold": LOW_THRESHOLD,
                 "colour_gate": COLOUR_GATE, "neighbours": 20, "retry_neighbours": 60, **options}
     pairs, scores = prepared.pairs(small=small, **settings)
     sift = keypoints.SiftCache(paths, prepared.workers)
+    clock.lap("log-polar")
     pairs, refused = _confirm(pairs, scores, sift, confirm, prepared.soft(pairs, scores))
     weak = np.setdiff1d(pairs, pairs[scores > settings["threshold"]])  # only colour-gated pairs
     counts = {"log-polar groups": len(np.unique(components(pairs, len(paths)))),
               "weak or soft correlations refused by keypoints": refused}
+    clock.lap("keypoint confirm")
     pairs = np.concatenate([pairs, keypoints.link_groups(
         sift, prepared.members, components(pairs, len(paths)), small)])
     component = components(pairs, len(paths))
     counts["joined by keypoint links"] = counts["log-polar groups"] - len(np.unique(component))
+    clock.lap("keypoint links")
     sizes = np.bincount(component)
     units = [np.flatnonzero(component == c) for c in np.flatnonzero((sizes > 0) & (sizes < small))]
     units += [np.array([i]) for i in weak if sizes[component[i]] >= small]
@@ -373,6 +394,7 @@ def detect_groups(
     before = len(np.unique(component))
     component = components(pairs, len(paths))
     counts["joined by direct keypoint check"] = before - len(np.unique(component))
+    clock.lap("direct keypoint check")
     started = time.perf_counter()
     queries, candidates, soft = prepared.zoom_queries(component, small)
     pairs = np.concatenate([pairs, zoomed.join_zoomed(
@@ -383,12 +405,16 @@ def detect_groups(
     counts["joined by zoomed template match"] = before - len(np.unique(component))
     counts["images searched by zoomed template match"] = len(queries)
     counts["zoomed template match seconds"] = round(time.perf_counter() - started)
+    clock.lap("zoomed")
     before = len(np.unique(component))
     component = prepared.attach(component, small, attach)
     counts["joined by stain colour"] = before - len(np.unique(component))
     counts["groups"] = len(np.unique(component))
+    clock.lap("stain colour")
     if stages is not None:
         stages.update(counts)
+    if timings is not None:
+        timings.update(clock.laps)
     names: dict[int, str] = {}
     out = []
     for index, comp in enumerate(component):

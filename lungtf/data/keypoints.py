@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 SIZE = 224
 """Side in pixels every image is resized to before keypoint detection."""
@@ -254,24 +255,68 @@ def _representatives(component: np.ndarray, images: np.ndarray, small: int,
     return np.concatenate(chosen) if chosen else np.zeros(0, int)
 
 
-def _pair_inliers(views: list[tuple[np.ndarray, np.ndarray]], second: tuple[np.ndarray, np.ndarray],
-                  matcher: cv2.BFMatcher) -> int:
-    """Most RANSAC similarity inliers of cross-checked matches from one of ``views`` to ``second``.
+_FAR = np.float32(4e6)
+"""Squared norm given to padding descriptors: farther from any descriptor than any real one."""
+_BLOCK = 16
+"""Target images matched against a query in one matrix product."""
+
+
+def _stack(features: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of several images as one zero-padded ``[T, F, 128]`` array and their squared
+    norms ``[T, F]`` (``_FAR`` for padding)."""
+    most = max([len(d) for _, d in features] + [1])
+    stacked = np.zeros((len(features), most, 128), np.float32)
+    norms = np.full((len(features), most), _FAR, np.float32)
+    for t, (_, desc) in enumerate(features):
+        stacked[t, : len(desc)] = desc
+        norms[t, : len(desc)] = (desc * desc).sum(1)
+    return stacked, norms
+
+
+def _inliers(views: list[tuple[np.ndarray, np.ndarray]],
+             targets: list[tuple[np.ndarray, np.ndarray]], need: int = PAIR_INLIERS) -> np.ndarray:
+    """Per target, most RANSAC similarity inliers of cross-checked matches from one of ``views``.
+
+    The matches are those of OpenCV's cross-checking brute-force L2 matcher (a query keypoint
+    and a target keypoint that are each other's nearest), found for many targets at once by
+    matrix products: SIFT descriptors are integer-valued, so the squared distances are exact in
+    float32 and ties break the same way (lowest index).
 
     Args:
         views: ``(points, descriptors)`` of the query image as shot and mirrored (``_mirror``).
-        second: ``(points, descriptors)`` of the other image.
-        matcher: a cross-checking brute-force matcher.
+        targets: ``(points, descriptors)`` of the other images.
+        need: pairs with fewer cross-checked matches are not fitted and count 0 (at least
+            ``PAIR_INLIERS``; inliers never exceed matches, so a caller that counts only pairs
+            with ``need`` inliers loses nothing).
+
+    Returns:
+        int array ``[len(targets)]`` (0 when either image has fewer than ``PAIR_INLIERS``
+        keypoints).
     """
-    best = 0
-    if len(views[0][1]) < PAIR_INLIERS or len(second[1]) < PAIR_INLIERS:
-        return 0
-    for query_points, query in views:
-        matches = matcher.match(query, second[1])
-        if len(matches) >= PAIR_INLIERS:
-            best = max(best, _similarity_inliers(query_points[[m.queryIdx for m in matches]],
-                                                 second[0][[m.trainIdx for m in matches]]))
-    return best
+    found = np.zeros(len(targets), int)
+    need = max(need, PAIR_INLIERS)
+    if len(views[0][1]) < PAIR_INLIERS:
+        return found
+    query = np.stack([d for _, d in views])
+    rows = np.arange(query.shape[1])
+    query_norms = (query * query).sum(2)[:, :, None, None]
+    for start in range(0, len(targets), _BLOCK):
+        block = targets[start:start + _BLOCK]
+        stacked, norms = _stack(block)
+        distance = query_norms + norms - 2 * (query.reshape(-1, 128) @ stacked.reshape(
+            -1, 128).T).reshape(len(views), len(rows), len(block), -1)
+        nearest = distance.argmin(3).transpose(0, 2, 1)  # [view, target, query keypoint]
+        back = np.take_along_axis(distance.argmin(1), nearest, 2)
+        mutual = back == rows
+        for t, (points, desc) in enumerate(block):
+            if len(desc) < PAIR_INLIERS:
+                continue
+            for v, (query_points, _) in enumerate(views):
+                keep = np.flatnonzero(mutual[v, t])
+                if len(keep) >= need:
+                    found[start + t] = max(found[start + t], _similarity_inliers(
+                        query_points[keep], points[nearest[v, t, keep]]))
+    return found
 
 
 def pair_inliers(sift: SiftCache, pairs: np.ndarray) -> np.ndarray:
@@ -289,11 +334,9 @@ def pair_inliers(sift: SiftCache, pairs: np.ndarray) -> np.ndarray:
 
     def count(pair: np.ndarray) -> int:
         points, desc = sift.get([pair[0]])[0]
-        matcher = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True)
-        return _pair_inliers([(points, desc), _mirror(points, desc)], sift.get([pair[1]])[0],
-                             matcher)
+        return int(_inliers([(points, desc), _mirror(points, desc)], sift.get([pair[1]]))[0])
 
-    with ThreadPoolExecutor(sift.workers) as pool:
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(sift.workers) as pool:
         return np.fromiter(pool.map(count, pairs), int, len(pairs))
 
 
@@ -305,7 +348,8 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
     to its group only by a weak correlation. Up to ``small`` of its images are matched, by
     cross-checked brute force, against the representatives of every other group that holds one
     of their ``nearest`` images; inliers of image pairs reaching ``PAIR_INLIERS`` are summed per
-    group, and the group with the largest sum, if at least ``SMALL_EVIDENCE``, is joined.
+    group, and the group with the largest sum, if at least ``SMALL_EVIDENCE``, is joined. Units
+    are checked in parallel (``sift.workers`` threads).
 
     Args:
         sift: SIFT features of the images.
@@ -322,24 +366,36 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
     Returns:
         int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
     """
-    matcher = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True)
-    links = []
+    groups = np.split(np.argsort(component, kind="stable"),
+                      np.cumsum(np.bincount(component))[:-1])
+    plans = []
     for unit in units:
         unit = np.asarray(unit)[:small]
-        own = component[unit[0]]
         deep = thorough is not None and bool(thorough[unit].any())
-        evidence = dict.fromkeys(np.setdiff1d(component[nearest[unit].ravel()], [own]).tolist(), 0)
-        queries = [[(points, desc), _mirror(points, desc)] for points, desc in sift.get(unit)]
-        for other in evidence:
-            reps = _representatives(component, np.flatnonzero(component == other), small,
-                                    many=THOROUGH if deep else REPRESENTATIVES)
-            for views in queries:
-                for target in sift.get(reps):
-                    n = _pair_inliers(views, target, matcher)
-                    evidence[other] += n if n >= (COPY_INLIERS if deep else PAIR_INLIERS) else 0
-        if evidence and max(evidence.values()) >= SMALL_EVIDENCE:
-            best = max(evidence, key=evidence.get)
-            links.append((unit[0], np.flatnonzero(component == best)[0]))
+        candidates = np.setdiff1d(component[nearest[unit].ravel()], [component[unit[0]]])
+        reps = [_representatives(component, groups[c], small,
+                                 many=THOROUGH if deep else REPRESENTATIVES) for c in candidates]
+        plans.append((unit, COPY_INLIERS if deep else PAIR_INLIERS, candidates, reps))
+    sift.get(np.concatenate([u for u, *_ in plans] + [r for *_, reps in plans for r in reps]
+                            or [[]]).astype(int))
+
+    def check(plan: tuple) -> tuple[int, int] | None:
+        unit, need, candidates, reps = plan
+        if not len(candidates):
+            return None
+        owner = np.repeat(np.arange(len(candidates)), [len(r) for r in reps])
+        targets = sift.get(np.concatenate(reps))
+        evidence = np.zeros(len(candidates), int)
+        for points, desc in sift.get(unit):
+            found = _inliers([(points, desc), _mirror(points, desc)], targets, need)
+            evidence += np.bincount(owner, np.where(found >= need, found, 0),
+                                    len(candidates)).astype(int)
+        if evidence.max() < SMALL_EVIDENCE:
+            return None
+        return int(unit[0]), int(groups[candidates[evidence.argmax()]][0])
+
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(sift.workers) as pool:
+        links = [link for link in pool.map(check, plans) if link is not None]
     return np.array(links, int).reshape(-1, 2)
 
 
@@ -372,7 +428,6 @@ def cross_matches(sift: SiftCache, queries: np.ndarray, database: np.ndarray,
     index = _index(np.concatenate([d for _, d in features]))
 
     def best(query: int) -> tuple[int, int, int]:
-        matcher = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True)
         points, desc = sift.get([query])[0]
         views = [(points, desc), _mirror(points, desc)]
         votes = [np.zeros(0, np.int64)]
@@ -383,10 +438,10 @@ def cross_matches(sift: SiftCache, queries: np.ndarray, database: np.ndarray,
                 votes.append(((owner[hits].astype(np.int64) << 20) + keypoint).ravel())
         images, counts = np.unique(np.unique(np.concatenate(votes)) >> 20, return_counts=True)
         candidates = images[np.argsort(-counts, kind="stable")[:CANDIDATES]]
-        inliers = [_pair_inliers(views, sift.get([c])[0], matcher) for c in candidates]
+        inliers = _inliers(views, sift.get(candidates)).tolist()
         top = int(np.argmax(inliers)) if inliers else 0
         return int(query), int(candidates[top]) if inliers else -1, inliers[top] if inliers else 0
 
     sift.get(queries)
-    with ThreadPoolExecutor(sift.workers) as pool:
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(sift.workers) as pool:
         return [m for m in pool.map(best, queries.tolist()) if m[2] >= min_inliers]
