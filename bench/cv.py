@@ -62,6 +62,11 @@ ACA, SCC = class_index("lung_aca"), class_index("lung_scc")
 log = logging.getLogger("lungtf.cv")
 
 
+ADDED_DEFAULTS = (("train", "pretrain_epochs"),)
+"""Configuration keys added after results were gathered: left out of a recipe's id while they
+keep their default, so the recipes that do not set them keep their ids (and results)."""
+
+
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process (all its threads) so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -95,6 +100,9 @@ def recipe_id(flags: str) -> tuple[list[str], str]:
         raise ValueError(f"recipe {flags!r} sets {', '.join(taken)}; cv.py sets those itself")
     cfg = resolve_run_config(choose_preset(args.preset), args.config, _overrides(args))
     plain = to_dict(replace(cfg, name="", output="", preset=None))
+    for section, key in ADDED_DEFAULTS:  # at its default: the id it had before the key existed
+        if plain[section][key] == getattr(getattr(type(cfg)(), section), key):
+            del plain[section][key]
     digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
     return tokens, digest[:10]
 

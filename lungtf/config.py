@@ -193,6 +193,12 @@ class TrainConfig:
             (when XLA is on and the run has several backbones: XLA's compilation cache is kept
             for the life of a process), ``True`` or ``False``; a multi-worker run trains in
             its own processes.
+        pretrain_epochs: before a backbone trains, pretrain it for this many epochs with
+            SimSiam (``lungtf.pretrain``, its default settings, views of ``data.crop_size``, else
+            ``data.image_size``) on the run's training split only, then train it as a transfer
+            backbone from those weights (``head_epochs`` frozen, then ``epochs`` at
+            ``lr * finetune_lr_factor``); 0 (default) does not pretrain. Only for backbones with
+            weights ``none``, and not with several workers.
     """
 
     head_epochs: int = 2
@@ -212,6 +218,7 @@ class TrainConfig:
     device_augment: bool | str = AUTO
     ema_momentum: float | None = None
     backbone_process: bool | str = AUTO
+    pretrain_epochs: int = 0
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads ``1e-3`` (no dot) as a string: accept any number written as text.
@@ -223,9 +230,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, what it got and what is allowed."""
-        for name in ("head_epochs", "epochs", "scratch_epochs", "early_stopping_patience"):
+        for name in ("head_epochs", "epochs", "scratch_epochs", "early_stopping_patience",
+                     "pretrain_epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
         if self.epochs + self.head_epochs < 1 or self.scratch_epochs < 1:
             raise ValueError(
@@ -322,12 +330,31 @@ class RunConfig:
                 check_weights_source(entry.split(":")[0], source)
             except ValueError as err:
                 raise ValueError(f"weights of backbones entry {entry!r}: {err}") from None
+        if self.train.pretrain_epochs:
+            self._check_pretraining()
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ValueError(
                 f"name must be non-empty without '/', '\\' or spaces; got {self.name!r}"
             )
         if self.preset is not None:
             _check_choice("preset", self.preset, PRESETS)
+
+    def _check_pretraining(self) -> None:
+        """``train.pretrain_epochs`` > 0: every backbone starts from weights ``none`` and one
+        process trains (a multi-worker run would pretrain on every worker apart)."""
+        given = {e: weight_sources.weights_for(self.model.weights, e) for e in self.backbones}
+        others = {e: w for e, w in given.items() if w != "none"}
+        if others:
+            listed = ", ".join(f"{e}: {w}" for e, w in others.items())
+            raise ValueError(
+                f"pretrain_epochs ({self.train.pretrain_epochs}) pretrains backbones that start "
+                f"from scratch, so every backbone needs weights none; got {listed} (give "
+                f"--weights none, or pretrain_epochs 0 to fine-tune those weights)"
+            )
+        if self.train.distribution == "multiworker":
+            raise ValueError("pretrain_epochs > 0 is not supported with distribution "
+                             "multiworker; pretrain with python -m lungtf.pretrain and pass "
+                             "--weights NAME=FILE instead")
 
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"

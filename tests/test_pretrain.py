@@ -1,25 +1,39 @@
-"""lungtf.pretrain: the SimSiam loss and its stop-gradient, the two views, and a tiny end-to-end
-pretraining whose weights file loads through the registry as ``--weights PATH`` does."""
+"""lungtf.pretrain: the SimSiam loss and its stop-gradient, the two views, a tiny end-to-end
+pretraining whose weights file loads through the registry as ``--weights PATH`` does, and
+``python -m lungtf.train --pretrain-epochs N`` (``lungtf.train.pretraining``): pretraining on the
+run's own training split inside the backbone's training."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import write_grouped_tiles
 
-from lungtf.config import ModelConfig
+import lungtf.pretrain.views
+import lungtf.train.fit
+from bench import cv
+from lungtf.config import ModelConfig, RunConfig, TrainConfig, from_dict, load_yaml
 from lungtf.data.ingest import load_records
-from lungtf.data.split import make_split, write_manifest
+from lungtf.data.split import make_split, read_manifest, write_manifest
 from lungtf.models import build_model
 from lungtf.pretrain import main
 from lungtf.pretrain.cli import pretrain, select_records
 from lungtf.pretrain.simsiam import embedding_std, negative_cosine, simsiam_loss
 from lungtf.pretrain.views import RandomResizedCrop, make_views
+from lungtf.train import main as train_main
+from lungtf.train.cli import _overrides, build_parser
+from lungtf.train.compare import write_comparison
+from lungtf.train.isolate import train_in_children
 
 
 def test_loss_on_known_vectors():
@@ -145,3 +159,135 @@ def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder,
     # timings included.
     assert json.loads((out / "regnet-200mf.json").read_text())["history"] == logged["history"]
 
+
+
+PROBES = '''"""Backbone pre_probe (two convolutions with BatchNorm) for the in-run pretraining tests."""
+import keras
+
+from lungtf.models import register_backbone
+from lungtf.models.resnet import IMAGENET_PREPROCESSING, conv_bn, imagenet_preprocess
+
+
+@register_backbone("pre_probe", preprocess=imagenet_preprocess, from_scratch=True,
+                   preprocessing=IMAGENET_PREPROCESSING, default_variant="v1",
+                   description="a test backbone")
+def probe(variant, input_shape):
+    inputs = keras.Input(input_shape)
+    x = conv_bn(conv_bn(inputs, 8, 3, 2, "stem"), 16, 3, 2, "conv")
+    return keras.Model(inputs, x, name="probe")
+'''
+
+
+@pytest.fixture(scope="module")
+def pretrain_probe(tmp_path_factory):
+    """Backbone ``pre_probe`` from a module file, so a child process can import it too (a real
+    backbone's train step takes far longer to trace); removed from the registry after."""
+    from lungtf.models import registry
+
+    folder = tmp_path_factory.mktemp("probes")
+    (folder / "pretrain_probes.py").write_text(PROBES)
+    sys.path.insert(0, str(folder))
+    importlib.import_module("pretrain_probes")
+    yield "pre_probe"
+    del registry._REGISTRY["pre_probe"]
+    del sys.modules["pretrain_probes"]
+    sys.path.remove(str(folder))
+
+
+def _backbone_weights(model) -> list:
+    return [w.numpy() for w in model.get_layer("backbone").weights]
+
+
+def test_train_pretrains_on_its_training_split_then_fine_tunes(pretrain_probe, tmp_path,
+                                                               monkeypatch):
+    """``--pretrain-epochs 1``: SimSiam reads the training split only and writes its weights
+    into the backbone's folder; the head phase starts from exactly those weights and keeps them
+    (frozen); stopped in the fine-tune phase, the backbone resumes in a child process of its own
+    (``lungtf.train.isolate``, as ``backbone_process`` trains it), skips the finished
+    pretraining and finishes; train.log, result.json and comparison.md say it was pretrained."""
+    tiles = write_grouped_tiles(tmp_path / "lung_image_sets", 12, 2)
+    viewed, seen = [], {}
+    real_views, real_callbacks = lungtf.pretrain.views.make_views, lungtf.train.fit.make_callbacks
+
+    def views_spy(records, *args, **kwargs):
+        viewed.extend(r.path for r in records)
+        return real_views(records, *args, **kwargs)
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self, phase, model):
+            super().__init__()
+            self.phase, self.classifier = phase, model
+
+        def on_train_begin(self, logs=None):
+            if self.phase == "finetune":
+                raise RuntimeError("stopped in the fine-tune phase on purpose")
+            seen["begin"] = _backbone_weights(self.classifier)
+
+        def on_train_end(self, logs=None):
+            seen["end"] = _backbone_weights(self.classifier)
+
+    def callbacks_spy(out_dir, phase, model, *args, **kwargs):
+        return real_callbacks(out_dir, phase, model, *args, **kwargs) + [Recorder(phase, model)]
+
+    monkeypatch.setattr(lungtf.pretrain.views, "make_views", views_spy)
+    monkeypatch.setattr(lungtf.train.fit, "make_callbacks", callbacks_spy)
+    for handler in [h for h in logging.getLogger("lungtf.train").handlers
+                    if getattr(h, "_lungtf", False)]:  # made on an earlier test's stderr
+        logging.getLogger("lungtf.train").removeHandler(handler)
+    argv = ["--preset", "cpu", "--data", str(tiles), "--backbones", "pre_probe",
+            "--image-size", "32", "--crop-size", "24", "--batch-size", "8", "--weights", "none",
+            "--pretrain-epochs", "1", "--head-epochs", "1", "--epochs", "1",
+            "--output", str(tmp_path / "runs"), "--name", "pre", "--verbose", "0"]
+    with pytest.raises(RuntimeError, match="on purpose"):
+        train_main(argv)
+
+    (run,) = (tmp_path / "runs").glob("*-pre")
+    rows, _ = read_manifest(run / "splits.csv")
+    train = sorted(r.path for r in rows if r.split == "train")
+    assert sorted(viewed) == train and len(train) < len(rows)  # val and test tiles never read
+    folder = run / "pre_probe" / "pretrain"
+    path, logged = folder / "pre_probe-v1.weights.h5", folder / "pre_probe-v1.json"
+    record = json.loads(logged.read_text())
+    assert record["data"]["split"] == "train" and record["data"]["tiles"] == len(train)
+    assert "were not read" in record["data"]["note"] and len(record["history"]) == 1
+    assert (record["crop_size"], record["image_size"], record["batch_size"]) == (24, 32, len(train))
+    pretrained = build_model(ModelConfig(backbone="pre_probe", weights=str(path), image_size=32))
+    for start, end, saved in zip(seen["begin"], seen["end"], _backbone_weights(pretrained)):
+        np.testing.assert_array_equal(start, saved)  # the head phase starts from the file
+        np.testing.assert_array_equal(end, saved)  # and keeps the backbone frozen
+    assert any(np.any(w) for w in _backbone_weights(pretrained))
+    stamp = path.stat().st_mtime_ns
+
+    (result,) = train_in_children(from_dict(RunConfig, load_yaml(run / "config.yaml")), run, 0)
+    write_comparison([result], run, "grouped", result)  # what the run's packaging writes
+    assert path.stat().st_mtime_ns == stamp
+    log = (run / "train.log").read_text()
+    assert "pre_probe: pretrained with SimSiam, 1 epochs on the" in log
+    assert "pre_probe: already pretrained (skipped) with SimSiam" in log
+    assert "pre_probe: training in process" in log  # the resume trained in a child process
+    assert result["pretrained"]["weights"] == "pre_probe/pretrain/pre_probe-v1.weights.h5"
+    assert result["pretrained"]["tiles"] == len(train) and result["epochs"] == 2  # head + finetune
+    comparison = (run / "comparison.md").read_text()
+    assert "Pretrained with SimSiam on the run's training split only" in comparison
+    assert f"- pre_probe: 1 epochs on {len(train)} tiles, final loss" in comparison
+
+
+def test_pretrain_epochs_is_validated_and_has_its_own_recipe_id():
+    cfg = RunConfig(backbones=("regnet:200mf", "resnet34"), model=ModelConfig(weights="none"),
+                    train=TrainConfig(pretrain_epochs=2))
+    cfg.validate()
+    with pytest.raises(ValueError, match=r"every backbone needs weights none; got resnet34: "
+                                         r"imagenet \(give --weights none"):
+        replace(cfg, model=replace(cfg.model, weights="regnet:200mf=none,imagenet")).validate()
+    with pytest.raises(ValueError, match="not supported with distribution multiworker"):
+        replace(cfg, train=replace(cfg.train, distribution="multiworker")).validate()
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="pretrain_epochs must be an integer >= 0"):
+            TrainConfig(pretrain_epochs=bad).validate()
+    args = build_parser().parse_args(["--pretrain-epochs", "3"])
+    assert _overrides(args)["train"]["pretrain_epochs"] == 3
+    plain = cv.recipe_id("--preset cpu")[1]
+    assert cv.recipe_id("--preset cpu --pretrain-epochs 0")[1] == plain
+    assert cv.recipe_id("--preset cpu --pretrain-epochs 1")[1] != plain
+    assert cv.recipe_id("--preset cpu --pretrain-epochs 2")[1] != cv.recipe_id(
+        "--preset cpu --pretrain-epochs 1")[1]

@@ -34,6 +34,22 @@ log = logging.getLogger("lungtf.pretrain")
 BASE_LR = 0.05
 """SimSiam's base learning rate; the peak is ``BASE_LR * batch_size / 256`` (SGD, momentum 0.9)."""
 
+DEFAULTS = {"image_size": 128, "crop_size": 64, "epochs": 20, "batch_size": 64,
+            "weight_decay": 1e-4, "dim": 512, "hidden": 128, "seed": 42}
+"""SimSiam's settings when not given: the command line's defaults, and the settings
+``python -m lungtf.train --pretrain-epochs N`` pretrains with (its own tile, view and epoch
+counts and seed aside)."""
+
+
+def make_settings(lr: float | None = None, **given) -> dict:
+    """``pretrain``'s settings: ``DEFAULTS`` updated with the ``given`` ones that are not
+    ``None``, and the peak ``lr`` (default ``BASE_LR * batch_size / 256``)."""
+    s = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    unknown = sorted(set(s) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown pretraining settings {unknown}; known: {sorted(DEFAULTS)}")
+    return {**s, "lr": lr if lr is not None else BASE_LR * s["batch_size"] / 256}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
@@ -46,15 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="split manifest: only its --split rows are read")
     p.add_argument("--split", default="train", help="the split read from --splits (default train)")
     p.add_argument("--backbones", default="regnet:200mf", help="comma list of name[:variant]")
-    p.add_argument("--image-size", type=int, default=128, help="side tiles are cached at")
-    p.add_argument("--crop-size", type=int, default=64, help="side of each augmented view")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"],
+                   help="side tiles are cached at")
+    p.add_argument("--crop-size", type=int, default=DEFAULTS["crop_size"],
+                   help="side of each augmented view")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, help=f"peak SGD learning rate (default {BASE_LR} x batch/256)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--dim", type=int, default=512, help="projection width")
-    p.add_argument("--hidden", type=int, default=128, help="prediction MLP bottleneck width")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    p.add_argument("--dim", type=int, default=DEFAULTS["dim"], help="projection width")
+    p.add_argument("--hidden", type=int, default=DEFAULTS["hidden"],
+                   help="prediction MLP bottleneck width")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity (0, 1, 2)")
     return p
@@ -74,19 +93,10 @@ def select_records(data: str | None, splits: str | None, split: str) -> tuple[li
 
     if splits:
         rows, protocol = read_manifest(splits)
-        records = [r for r in rows if r.split == split]
-        others = dict(Counter(r.split for r in rows if r.split != split))
-        if not records:
-            raise ValueError(f"{splits} has no rows in split {split!r}; splits found: "
-                             f"{sorted({r.split for r in rows})}")
-        groups = len({r.group for r in records})
-        note = (f"only the {len(records)} tiles of split {split!r} of {splits} ({groups} source "
-                f"groups, {protocol} protocol); the other splits ({others}) were not read, so none "
-                f"of their tiles leaks into pretraining")
+        records, note = split_records(rows, split, str(splits), protocol)
         if data:
-            note += "; --data was not read (--splits given)"
-        return records, {"source": str(splits), "split": split, "protocol": protocol,
-                         "tiles": len(records), "groups": groups, "note": note}
+            note["note"] += "; --data was not read (--splits given)"
+        return records, note
     if not data:
         raise ValueError("give --data DIR (every tile is read) or --splits splits.csv (its --split "
                          "rows only)")
@@ -94,6 +104,34 @@ def select_records(data: str | None, splits: str | None, split: str) -> tuple[li
     note = (f"all {len(records)} tiles of {data} (no --splits): evaluate a model fine-tuned from "
             f"these weights only on source tiles outside them")
     return records, {"source": str(data), "split": None, "tiles": len(records), "note": note}
+
+
+def split_records(rows: list, split: str, source: str, protocol: str | None = None
+                  ) -> tuple[list, dict]:
+    """The ``rows`` of ``split`` and a note saying where they came from and that the other
+    splits' rows were not read (so none of their tiles leaks into pretraining).
+
+    Args:
+        rows: split records (``Record.split`` set), e.g. a split manifest's.
+        split: the split to keep.
+        source: where ``rows`` came from, named in the note.
+        protocol: the split protocol, when known.
+
+    Raises:
+        ValueError: no rows in ``split``.
+    """
+    records = [r for r in rows if r.split == split]
+    others = dict(Counter(r.split for r in rows if r.split != split))
+    if not records:
+        raise ValueError(f"{source} has no rows in split {split!r}; splits found: "
+                         f"{sorted({r.split for r in rows})}")
+    groups = len({r.group for r in records})
+    how = f", {protocol} protocol" if protocol else ""
+    note = (f"only the {len(records)} tiles of split {split!r} of {source} ({groups} source "
+            f"groups{how}); the other splits ({others}) were not read, so none of their tiles "
+            f"leaks into pretraining")
+    return records, {"source": source, "split": split, "protocol": protocol,
+                     "tiles": len(records), "groups": groups, "note": note}
 
 
 def cpu_seconds() -> float:
@@ -117,6 +155,18 @@ def _timer():
                 logs["cpu_seconds"] = cpu_seconds() - self._start[1]
 
     return EpochTimer()
+
+
+def output_paths(entry: str, out: Path) -> tuple[Path, Path, Path]:
+    """Where ``pretrain`` writes backbone ``entry`` in ``out``: its work folder (settings,
+    history, backups), its weights file and its JSON log (``regnet:200mf`` ->
+    ``regnet-200mf/``, ``regnet-200mf.weights.h5``, ``regnet-200mf.json``)."""
+    from lungtf.models import get_spec
+    from lungtf.train.fit import parse_entry
+
+    name, variant = parse_entry(entry)
+    stem = f"{name}-{get_spec(name).resolve_variant(variant)}"
+    return out / stem, out / f"{stem}.weights.h5", out / f"{stem}.json"
 
 
 def pretrain(entry: str, records: list, out: Path, settings: dict, data_note: dict,
@@ -154,8 +204,7 @@ def pretrain(entry: str, records: list, out: Path, settings: dict, data_note: di
     s = settings
     name, variant = parse_entry(entry)
     variant = get_spec(name).resolve_variant(variant)
-    stem = f"{name}-{variant}"
-    work, weights_path, log_path = out / stem, out / f"{stem}.weights.h5", out / f"{stem}.json"
+    work, weights_path, log_path = output_paths(entry, out)
     tiles = hashlib.sha256("\n".join(sorted(r.path for r in records)).encode()).hexdigest()
     wanted = {"backbone": name, "variant": variant, **s, "tiles_sha256": tiles}
     settings_path = work / "settings.json"
@@ -228,13 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         records, note = select_records(args.data, args.splits, args.split)
-        settings = {
-            "image_size": args.image_size, "crop_size": args.crop_size, "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr if args.lr is not None else BASE_LR * args.batch_size / 256,
-            "weight_decay": args.weight_decay, "dim": args.dim, "hidden": args.hidden,
-            "seed": args.seed,
-        }
+        settings = make_settings(
+            args.lr, image_size=args.image_size, crop_size=args.crop_size, epochs=args.epochs,
+            batch_size=args.batch_size, weight_decay=args.weight_decay, dim=args.dim,
+            hidden=args.hidden, seed=args.seed,
+        )
         out = Path(args.out)
         for entry in (e.strip() for e in args.backbones.split(",") if e.strip()):
             pretrain(entry, records, out, settings, note, args.verbose)

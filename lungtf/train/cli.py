@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-process", **auto_flag,
                    help="train each backbone in a child process of its own: auto (with XLA and "
                    "several backbones, so XLA's compiled code is freed after each), true, false")
+    p.add_argument("--pretrain-epochs", type=int, metavar="N",
+                   help="pretrain each from-scratch backbone (weights none) for N epochs with "
+                   "SimSiam on the run's training split, then fine-tune it as a transfer backbone "
+                   "(--head-epochs frozen, then --epochs); default 0: off")
     p.add_argument("--output", help="folder of run directories (default runs)")
     p.add_argument("--name", help="run name (default train)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
@@ -165,6 +169,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "device_augment": args.device_augment,
             "ema_momentum": args.ema,
             "backbone_process": args.backbone_process,
+            "pretrain_epochs": args.pretrain_epochs,
         },
         "backbones": None if args.backbones is None else csv_list(args.backbones),
         "output": args.output,

@@ -104,7 +104,8 @@ def write_comparison(results: list[dict], run_dir: Path, protocol: str, best: di
     """``comparison.csv`` (a row a backbone) and ``comparison.md`` (table, split protocol, rule).
 
     ``comparison.md`` also lists every backbone that could not start from the requested weights
-    (``weights_note`` of its result, e.g. ``regnet`` asked for ImageNet weights it has not got).
+    (``weights_note`` of its result, e.g. ``regnet`` asked for ImageNet weights it has not got),
+    and every backbone pretrained in the run (``pretrained``: epochs, final loss and z_std).
     """
     write_csv(run_dir / "comparison.csv", list(COLUMNS), results)
     lines = [
@@ -131,6 +132,18 @@ def write_comparison(results: list[dict], run_dir: Path, protocol: str, best: di
     if notes:
         lines += ["", "**Weights not as requested:**", ""]
         lines += [f"- {r.get('entry', r['backbone'])}: {r['weights_note']}." for r in notes]
+    pretrained = [r for r in results if r.get("pretrained")]
+    if pretrained:
+        heading = (
+            "**Pretrained with SimSiam on the run's training split only (validation and test not "
+            "read), then fine-tuned as transfer backbones (head phase with the backbone frozen, "
+            "then all layers):**"
+        )
+        lines += ["", heading, ""]
+        lines += [f"- {r.get('entry', r['backbone'])}: {p['epochs']} epochs on {p['tiles']} "
+                  f"tiles, final loss {p['loss']:.4f}, z_std {p['z_std']:.4f}, "
+                  f"{p['cpu_seconds']:.0f} CPU-s (`{p['weights']}`)."
+                  for r in pretrained for p in [r["pretrained"]]]
     lines += [
         "",
         "Best: **{}** ({}). Rule: highest validation accuracy; ties go to the fewest missed "

@@ -3,7 +3,9 @@
 Transfer backbones (pretrained weights) train in two phases: ``head`` with the backbone frozen
 (BatchNorm in inference mode) and ``finetune`` with everything trainable at a lower peak LR.
 Backbones without pretrained weights (``spec.from_scratch`` or ``weights: none``) train all
-layers from the start in one ``scratch`` phase of ``scratch_epochs``. Every phase uses AdamW with
+layers from the start in one ``scratch`` phase of ``scratch_epochs``, unless
+``train.pretrain_epochs`` pretrains them first (``lungtf.train.pretraining``): they then train as
+transfer backbones from their pretrained weights. Every phase uses AdamW with
 a warm-up + cosine (or one-cycle) schedule and cross-entropy with optional label smoothing.
 
 Resume: ``<out>/state.json`` records the LR and the epoch each finished phase ended at; each phase
@@ -41,6 +43,7 @@ from lungtf.train.callbacks import Throughput, make_callbacks, plot_curves, read
 from lungtf.train.compare import evaluate_records
 from lungtf.train.lr_find import lr_find
 from lungtf.train.multiworker import bytes_from_chief, check_in_sync, mirror_from_chief
+from lungtf.train.pretraining import pretrain_in_run
 from lungtf.train.runtime import Runtime
 from lungtf.weight_sources import weights_for
 
@@ -274,6 +277,12 @@ def train_backbone(
     name, variant = parse_entry(entry)
     spec = get_spec(name)
     weights, weights_note = resolve_weights(spec, weights_for(run.model.weights, entry), entry)
+    pretrained = None
+    if run.train.pretrain_epochs:  # then fine-tuned from these weights, as a transfer source
+        pretrained, trained_now = pretrain_in_run(entry, run, splits, out_dir, verbose)
+        if trained_now:
+            release_backbone(rt.precision)  # SimSiam's traced steps, before the classifier
+        weights = pretrained["path"]
     mcfg = replace(run.model, backbone=name, variant=variant, weights=weights)
     d = run.data
     augmenter = build_augmenter(
@@ -388,9 +397,10 @@ def train_backbone(
         "entry": entry,
         "backbone": name,
         "variant": spec.resolve_variant(variant),
-        "weights": weights,
+        "weights": pretrained["weights"] if pretrained else weights,
         "weights_requested": run.model.weights,
         "weights_note": weights_note,
+        "pretrained": pretrained,
         "lr": lr,
         "epochs": epoch,
         "val_accuracy": val["accuracy"],
