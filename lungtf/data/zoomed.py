@@ -12,8 +12,8 @@ above the other groups; a smooth image correlates well with any tissue, so it is
 the second best group that counts (``MARGIN``), not the score. When the margin is not clear, the
 caller may have the image join every group within it (merge when unsure). A sharp image (a real
 tile left alone) is searched the same way, unzoomed too. Candidate groups past the stain-colour
-nearest ``FINE_GROUPS`` are ranked first by a cheap coarse search (``COARSE``), and only the best
-few searched fully, so an own group that colour ranks low is still found.
+nearest ``FINE_GROUPS`` are searched in a few members first (``COARSE``), and only the best few
+searched fully, so an own group that colour ranks low is still found.
 """
 
 from __future__ import annotations
@@ -46,11 +46,18 @@ SHARP_ZOOMS = (1.0, *ZOOMS)
 """Zooms a sharp (not soft) image is searched at: it may be an unzoomed copy too."""
 FINE_GROUPS = 12
 """Candidate groups (nearest by stain colour) always searched fully."""
-COARSE = {"size": 56, "angle_step": 30, "members": 4}
-"""The coarse search that ranks the candidate groups past ``FINE_GROUPS``: thumbnails of this
-side, this angle step, this many members per group."""
+COARSE = 3
+"""Members per candidate group in the coarse search that decides which groups past
+``FINE_GROUPS`` are searched fully (``MEMBERS``)."""
 COARSE_BEST = 4
-"""Best-ranked groups of the coarse search that are then searched fully."""
+"""Most candidate groups past ``FINE_GROUPS`` searched fully: the best of those the coarse search
+(``COARSE`` members) scores at least as high as every one of the first ``FINE_GROUPS``.
+
+On the tuning third (31 soft images of four realistic-copy runs, copy seeds 0-3, every candidate
+searched, the rules replayed on the scores), 2 own groups ranked past 12 by colour (17th, 25th).
+With ``grouping``'s safe margin and unclear-match rule, this left 1 image outside its own group
+(it scored 0.78-0.81 in every group); searching only the 12 left 3, the coarse search's best 4
+without the condition 3, a 56 px thumbnail search (30-degree steps) 2, all 34 groups fully 4."""
 MARGIN = 0.1
 """Correlation by which the best candidate group must beat the second best to be joined when
 unsure images are otherwise left alone (``grouping.ZOOM_MARGIN``, ``strict``).
@@ -71,18 +78,16 @@ def _grey(path: str, size: int) -> np.ndarray:
 class Templates:
     """The central disc of one image, shrunk by every zoom, rotated and mirrored, as spectra.
 
-    The image is read at twice ``size``, so a template shrunk by zoom ``z`` has the scale of its
-    source at ``size`` when the image is a ``z``-times zoomed-in copy. Per zoom: the conjugate
+    The image is read at twice ``SIZE``, so a template shrunk by zoom ``z`` has the scale of its
+    source at ``SIZE`` when the image is a ``z``-times zoomed-in copy. Per zoom: the conjugate
     spectra of the zero-mean, unit-norm masked templates and of the mask.
     """
 
-    def __init__(self, path: str, zooms: tuple[float, ...] = ZOOMS, size: int = SIZE,
-                 angle_step: int = ANGLE_STEP):
-        self.size = size
-        image = _grey(path, 2 * size)
+    def __init__(self, path: str, zooms: tuple[float, ...] = ZOOMS):
+        image = _grey(path, 2 * SIZE)
         self.zooms = []
         for zoom in zooms:
-            side = round(size / zoom)
+            side = round(SIZE / zoom)
             small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
             half = int(DISC * side)
             centre = (side - 1) / 2
@@ -91,7 +96,7 @@ class Templates:
             cut = slice(side // 2 - half, side // 2 + half)
             views = []
             for view in (small, np.ascontiguousarray(small[:, ::-1])):
-                for angle in np.arange(0, 360, angle_step):
+                for angle in np.arange(0, 360, ANGLE_STEP):
                     turn = cv2.getRotationMatrix2D((centre, centre), float(angle), 1)
                     views.append(cv2.warpAffine(view, turn, (side, side),
                                                 flags=cv2.INTER_LINEAR)[cut, cut])
@@ -99,26 +104,27 @@ class Templates:
             views -= mask * (views.sum((1, 2), keepdims=True) / mask.sum())
             views /= np.linalg.norm(views, axis=(1, 2), keepdims=True) + 1e-6
             self.zooms.append((2 * half, mask.sum(),
-                               np.conj(fft.rfft2(views, (size, size))).astype(np.complex64),
-                               np.conj(fft.rfft2(mask, (size, size))).astype(np.complex64)))
+                               np.conj(fft.rfft2(views, (SIZE, SIZE))).astype(np.complex64),
+                               np.conj(fft.rfft2(mask, (SIZE, SIZE))).astype(np.complex64)))
 
     def best(self, image: np.ndarray) -> float:
         """Highest masked normalised cross-correlation of any template anywhere in ``image``."""
         spectrum = fft.rfft2(image)
         squares = fft.rfft2(image.astype(np.float64) ** 2)
-        best, size = -1.0, self.size
+        best = -1.0
         for side, area, templates, mask in self.zooms:
-            valid = size - side + 1
-            num = fft.irfft2(templates * spectrum, (size, size))[:, :valid, :valid]
-            total = fft.irfft2(mask * spectrum, (size, size))[:valid, :valid]
-            energy = fft.irfft2(mask * squares, (size, size))[:valid, :valid]
+            valid = SIZE - side + 1
+            num = fft.irfft2(templates * spectrum, (SIZE, SIZE))[:, :valid, :valid]
+            total = fft.irfft2(mask * spectrum, (SIZE, SIZE))[:valid, :valid]
+            energy = fft.irfft2(mask * squares, (SIZE, SIZE))[:valid, :valid]
             spread = np.sqrt(np.maximum(energy - total**2 / area, 1e-3 * area))
             best = max(best, float((num.max(0) / spread).max()))
         return best
 
 
 def group_scores(paths: list[str], query: int | Templates, groups: list[np.ndarray],
-                 workers: int, cache: dict | None = None, members: int = MEMBERS) -> np.ndarray:
+                 workers: int, cache: dict[int, np.ndarray] | None = None,
+                 members: int = MEMBERS) -> np.ndarray:
     """Best correlation of image ``query``'s templates in ``members`` members of each group.
 
     Args:
@@ -126,19 +132,18 @@ def group_scores(paths: list[str], query: int | Templates, groups: list[np.ndarr
         query: index of the image looked for (templates at ``ZOOMS``), or its ``Templates``.
         groups: index arrays of the candidate groups' members.
         workers: threads.
-        cache: grey images by ``(index, size)``, filled as they are read.
+        cache: grey ``SIZE`` images by index, filled as they are read.
         members: evenly spaced members searched per group (``MEMBERS``).
     """
     cache = {} if cache is None else cache
     templates = query if isinstance(query, Templates) else Templates(paths[query])
-    size = templates.size
     chosen = [g[np.linspace(0, len(g) - 1, min(members, len(g))).round().astype(int)]
               for g in groups]
     flat = [int(i) for c in chosen for i in c]
-    for i in {i for i in flat if (i, size) not in cache}:
-        cache[i, size] = _grey(paths[i], size)
+    for i in set(flat) - set(cache):
+        cache[i] = _grey(paths[i], SIZE)
     with ThreadPoolExecutor(workers) as pool:  # the FFTs release the GIL
-        scores = list(pool.map(lambda i: templates.best(cache[i, size]), flat))
+        scores = list(pool.map(lambda i: templates.best(cache[i]), flat))
     out, start = [], 0
     for c in chosen:
         out.append(max(scores[start:start + len(c)]))
@@ -152,9 +157,9 @@ def join_zoomed(paths: list[str], component: np.ndarray, queries: list[int],
                 ambiguous: int = 1) -> np.ndarray:
     """Index pairs joining each query image to the candidate group(s) it is found in.
 
-    Candidate groups past the first ``FINE_GROUPS`` are first ranked by a coarse search
-    (``COARSE``); the first ``FINE_GROUPS`` and the ``COARSE_BEST`` best of the others are then
-    searched fully. The best group is joined when it beats the second by ``margin``; otherwise,
+    All candidate groups are first searched coarsely (``COARSE`` members each); the first
+    ``FINE_GROUPS`` and, of the others, up to ``COARSE_BEST`` that score at least as high as any
+    of the first are then searched fully (``MEMBERS``). The best group is joined when it beats the second by ``margin``; otherwise,
     when at most ``ambiguous`` groups lie within ``margin`` of the best and it reaches ``FOUND``,
     the image joins all of them (merge when unsure: a wrong merge costs a little stratification,
     a missed pair leaks).
@@ -175,7 +180,7 @@ def join_zoomed(paths: list[str], component: np.ndarray, queries: list[int],
     Returns:
         int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
     """
-    cache: dict = {}
+    cache: dict[int, np.ndarray] = {}
     links = []
     soft = [True] * len(queries) if soft is None else soft
     for query, groups, is_soft in zip(queries, candidates, soft):
@@ -183,16 +188,16 @@ def join_zoomed(paths: list[str], component: np.ndarray, queries: list[int],
         if len(groups) < 2:
             continue
         zooms = ZOOMS if is_soft else SHARP_ZOOMS
-        if len(groups) > FINE_GROUPS + COARSE_BEST:
-            rest = groups[FINE_GROUPS:]
-            coarse = group_scores(paths, Templates(paths[query], zooms, COARSE["size"],
-                                                   COARSE["angle_step"]),
-                                  [np.flatnonzero(component == g) for g in rest], workers, cache,
-                                  COARSE["members"])
-            groups = np.concatenate([groups[:FINE_GROUPS],
-                                     rest[np.argsort(-coarse, kind="stable")[:COARSE_BEST]]])
+        templates = Templates(paths[query], zooms)
+        if len(groups) > FINE_GROUPS:
+            coarse = group_scores(paths, templates, [np.flatnonzero(component == g)
+                                                     for g in groups], workers, cache, COARSE)
+            ahead = FINE_GROUPS + np.flatnonzero(
+                coarse[FINE_GROUPS:] >= coarse[:FINE_GROUPS].max())
+            ahead = ahead[np.argsort(-coarse[ahead], kind="stable")[:COARSE_BEST]]
+            groups = np.concatenate([groups[:FINE_GROUPS], groups[ahead]])
         members = [np.flatnonzero(component == g) for g in groups]
-        found = group_scores(paths, Templates(paths[query], zooms), members, workers, cache)
+        found = group_scores(paths, templates, members, workers, cache)
         if scores is not None:
             scores.append((query, groups, found))
         order = np.argsort(-found, kind="stable")
