@@ -199,6 +199,7 @@ def run_unit(tokens: list[str], manifest: Path, work: Path, seed: int, verbose: 
     from lungtf.train.compare import pick_best, predict_records
     from lungtf.train.fit import entry_dir, release_backbone, train_backbone
     from lungtf.train.prepare import prepare_splits
+    from lungtf.train.pretraining import PRETRAIN_DIR
     from lungtf.train.rundir import RunLock, atomic_path, remove_temporaries
     from lungtf.train.runtime import choose_preset, runtime
 
@@ -244,6 +245,8 @@ def run_unit(tokens: list[str], manifest: Path, work: Path, seed: int, verbose: 
         }
         for entry in cfg.backbones:  # the backups are only needed to resume
             shutil.rmtree(entry_dir(work, entry) / "backup", ignore_errors=True)
+            for backup in (entry_dir(work, entry) / PRETRAIN_DIR).glob("*/backup"):
+                shutil.rmtree(backup, ignore_errors=True)  # --pretrain-epochs' SimSiam state
         return out
     finally:
         lock.release()
