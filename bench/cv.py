@@ -62,7 +62,7 @@ ACA, SCC = class_index("lung_aca"), class_index("lung_scc")
 log = logging.getLogger("lungtf.cv")
 
 
-ADDED_DEFAULTS = (("train", "pretrain_epochs"),)
+ADDED_DEFAULTS = (("train", "pretrain_epochs"), ("model", "input_norm"))
 """Configuration keys added after results were gathered: left out of a recipe's id while they
 keep their default, so the recipes that do not set them keep their ids (and results)."""
 

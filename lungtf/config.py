@@ -109,6 +109,11 @@ class DataConfig:
             )
 
 
+INPUT_NORMS: tuple[str, ...] = ("default", "unit", "imagenet")
+"""``ModelConfig.input_norm`` choices: the backbone's own preprocessing, ``x / 255``, or torch-style
+ImageNet mean/std (``lungtf.models.registry.INPUT_NORM_VALUES``)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which backbone to build and how.
@@ -122,6 +127,10 @@ class ModelConfig:
         image_size: input side in pixels; the model takes raw 0-255 RGB pixels of this size.
         num_classes: output units (softmax, float32 even under mixed precision).
         dropout: dropout rate before the classification layer.
+        input_norm: the model's ``preprocess`` layer, from ``INPUT_NORMS``: ``default`` (the
+            backbone's registry preprocessing, the one its pretrained weights expect), ``unit``
+            (``x / 255``) or ``imagenet`` (``(x - ImageNet mean) / ImageNet std`` in 0-255 units).
+            Other than ``default`` only where the weights loaded agree (``RunConfig.validate``).
     """
 
     backbone: str = "resnet50"
@@ -130,6 +139,7 @@ class ModelConfig:
     image_size: int = 224
     num_classes: int = NUM_CLASSES
     dropout: float = 0.2
+    input_norm: str = "default"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, what it got and what is allowed."""
@@ -139,6 +149,7 @@ class ModelConfig:
             raise ValueError(f"num_classes must be >= 2; got {self.num_classes}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        _check_choice("input_norm", self.input_norm, INPUT_NORMS)
         weight_sources.parse(self.weights)
 
 
@@ -315,7 +326,7 @@ class RunConfig:
             raise ValueError("backbones must name at least one backbone; got none")
         if len(set(self.backbones)) != len(self.backbones):
             raise ValueError(f"backbones must not repeat; got {list(self.backbones)}")
-        from lungtf.models import check_weights_source, list_backbones
+        from lungtf.models import check_input_norm, check_weights_source, list_backbones
 
         known = list_backbones()
         for entry in self.backbones:
@@ -328,6 +339,7 @@ class RunConfig:
             source = weight_sources.weights_for(self.model.weights, entry)
             try:
                 check_weights_source(entry.split(":")[0], source)
+                check_input_norm(entry.split(":")[0], source, self.model.input_norm)
             except ValueError as err:
                 raise ValueError(f"weights of backbones entry {entry!r}: {err}") from None
         if self.train.pretrain_epochs:
@@ -475,6 +487,7 @@ __all__ = [
     "AUGMENTATIONS",
     "DEFAULT_AUGMENT",
     "DISTRIBUTIONS",
+    "INPUT_NORMS",
     "PRECISIONS",
     "PRESETS",
     "SCHEDULES",

@@ -20,6 +20,7 @@ No TensorFlow import, so configurations validate fast.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -83,3 +84,22 @@ def check_names(value: str, entries: tuple[str, ...]) -> None:
             f"weights names {', '.join(unknown)}, which the run does not train; "
             f"backbones: {', '.join(entries)}"
         )
+
+
+PRETRAIN_SUFFIX = ".weights.h5"
+"""The suffix of the weights files ``python -m lungtf.pretrain`` writes (``<stem>.json`` beside)."""
+
+
+def pretrained_input_norm(source: str) -> str | None:
+    """The ``input_norm`` a ``python -m lungtf.pretrain`` weights file was pretrained with, read
+    from its log beside it (``X.weights.h5`` -> ``X.json``; ``default`` when the log predates the
+    setting); ``None`` when ``source`` is no such file (not a file, or no SimSiam log beside)."""
+    if not source.endswith(PRETRAIN_SUFFIX):
+        return None
+    try:
+        record = json.loads(Path(source[: -len(PRETRAIN_SUFFIX)] + ".json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not str(record.get("method", "")).startswith("SimSiam"):
+        return None
+    return str(record.get("input_norm", "default"))

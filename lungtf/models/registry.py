@@ -4,7 +4,7 @@ Every model built here has the same outer shape (docs/architecture.md, section l
 training, evaluation, Grad-CAM and export never need to know which backbone they hold::
 
     pixels (float32 [None,S,S,3], raw 0-255 RGB)
-      -> preprocess   (the backbone's own input normalisation, inside the model)
+      -> preprocess   (the backbone's own input normalisation, or ModelConfig.input_norm's)
       -> backbone     (a keras.Model; output = last convolutional feature map [B,h,w,C])
       -> pool -> dropout -> logits -> probabilities (softmax, float32 even under mixed precision)
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import h5py
 import keras
 
-from lungtf.config import ModelConfig
-from lungtf.weight_sources import weights_for
+from lungtf.config import INPUT_NORMS, ModelConfig
+from lungtf.weight_sources import pretrained_input_norm, weights_for
 
 BACKBONE_LAYER = "backbone"
 WEIGHT_CHOICES: tuple[str, ...] = ("imagenet", "none", "PATH")
@@ -38,6 +38,20 @@ IMAGENET_FETCH_TIMEOUT_S = 20.0
 
 HEAD_LAYERS: tuple[str, ...] = ("pool", "dropout", "logits", "probabilities")
 """The layers after the backbone, in call order (``build_model``'s head)."""
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+"""ImageNet RGB channel means in 0-255 units (torch-style normalisation)."""
+IMAGENET_STD = (58.395, 57.12, 57.375)
+"""ImageNet RGB channel standard deviations in 0-255 units."""
+IMAGENET_PREPROCESSING = "torch-style: (pixels - ImageNet mean) / ImageNet std, in 0-255 units"
+"""What ``imagenet_preprocess`` does, as the backbone specs state it."""
+
+INPUT_NORM_VALUES: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]] = {
+    "unit": ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0), "x / 255"),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD, IMAGENET_PREPROCESSING),
+}
+"""``ModelConfig.input_norm`` choices other than ``default``: ``(mean, std, description)`` of the
+``PixelNormalization`` that replaces the backbone's own preprocessing."""
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
@@ -239,6 +253,66 @@ def check_weights_source(name: str, source: str) -> None:
     )
 
 
+def preprocess_layer(spec: BackboneSpec, variant: str, input_norm: str = "default"):
+    """The model's ``preprocess`` layer: the backbone's own (``default``) or ``input_norm``'s.
+
+    Raises:
+        ValueError: an unknown ``input_norm``, or one other than ``default`` for a backbone that
+            normalises its input inside the backbone (keras.applications EfficientNetV2).
+    """
+    layer = spec.preprocess(variant)
+    if input_norm == INPUT_NORMS[0]:
+        return layer
+    if input_norm not in INPUT_NORM_VALUES:
+        raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}; got {input_norm!r}")
+    if not isinstance(layer, PixelNormalization):  # a setting the backbone cannot take
+        raise ValueError(  # noqa: TRY004
+            f"{spec.name} normalises its input inside the backbone ({spec.preprocessing}), so it "
+            f"takes only input_norm default; got {input_norm!r}"
+        )
+    mean, std, _ = INPUT_NORM_VALUES[input_norm]
+    return PixelNormalization(mean=mean, std=std, name="preprocess")
+
+
+def _convention(spec: BackboneSpec, input_norm: str) -> tuple[tuple, str]:
+    """``(key, description)`` of what ``input_norm`` makes of ``spec``'s input; equal keys,
+    equal inputs to the backbone."""
+    layer = preprocess_layer(spec, spec.default_variant, input_norm)
+    config = layer.get_config()
+    key = tuple(config.get(k) for k in ("mean", "std", "bgr")) + (type(layer).__name__,)
+    if input_norm == INPUT_NORMS[0]:
+        return key, f"{spec.name}'s own, {spec.preprocessing}"
+    return key, f"{input_norm}, {INPUT_NORM_VALUES[input_norm][2]}"
+
+
+def check_input_norm(name: str, source: str, input_norm: str) -> None:
+    """``ValueError`` when backbone ``name`` with weights ``source`` cannot take ``input_norm``.
+
+    Pretrained weights saw their input normalised one way, and keep it: ``imagenet``, a source
+    the backbone's own loader takes (a reference checkpoint, a KerasHub preset) and a weights
+    file of unknown origin are taken to follow the backbone's own preprocessing (``default``); a
+    ``.weights.h5`` written by ``python -m lungtf.pretrain`` follows the ``input_norm`` its log
+    records (``lungtf.weight_sources.pretrained_input_norm``). ``none`` (and ``imagenet`` for a
+    backbone without ImageNet weights, which then trains from scratch) takes any. Run by
+    ``RunConfig.validate()`` for every backbone and by ``build_model``.
+    """
+    spec = get_spec(name)
+    run, run_text = _convention(spec, input_norm)
+    if source == "none" or (source == "imagenet" and not spec.imagenet):
+        return
+    recorded = pretrained_input_norm(source)
+    theirs, theirs_text = _convention(spec, recorded or INPUT_NORMS[0])
+    if run != theirs:
+        origin = (f"lungtf.pretrain weights {source} (pretrained with input_norm {recorded})"
+                  if recorded else f"weights {source}")
+        raise ValueError(
+            f"input_norm {input_norm} ({run_text}) differs from the input convention of "
+            f"{spec.name}'s {origin}: {theirs_text}. Pretrained weights need the input they were "
+            f"trained on: use input_norm {recorded or 'default'}, or weights none (or weights "
+            f"from python -m lungtf.pretrain --input-norm {input_norm})"
+        )
+
+
 def _build_backbone(spec: BackboneSpec, variant: str, source: str) -> keras.Model:
     """The headless backbone with weights ``source`` (one source: ``weights_for`` resolved it)."""
     shape = (None, None, 3)  # size-free, so that training_view can train it on crops
@@ -274,17 +348,21 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     probabilities, whatever the global dtype policy (mixed precision keeps the softmax in float32).
 
     Raises:
-        ValueError: unknown backbone or variant, ``imagenet`` for a backbone that has none, or a
-            weights file that does not fit.
+        ValueError: unknown backbone or variant, ``imagenet`` for a backbone that has none, a
+            weights file that does not fit, or an ``input_norm`` the weights or the backbone
+            cannot take (``check_input_norm``).
         RuntimeError: ``imagenet`` weights could not be fetched (no network).
     """
     cfg.validate()
     spec = get_spec(cfg.backbone)
     variant = spec.resolve_variant(cfg.variant)
     entry = cfg.backbone if cfg.variant is None else f"{cfg.backbone}:{cfg.variant}"
-    backbone = _build_backbone(spec, variant, weights_for(cfg.weights, entry))
+    source = weights_for(cfg.weights, entry)
+    check_input_norm(spec.name, source, cfg.input_norm)
+    preprocess = preprocess_layer(spec, variant, cfg.input_norm)
+    backbone = _build_backbone(spec, variant, source)
     pixels = keras.Input((cfg.image_size, cfg.image_size, 3), dtype="float32", name="pixels")
-    x = spec.preprocess(variant)(pixels)
+    x = preprocess(pixels)
     x = backbone(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import keras
 
-from lungtf.models.registry import PixelNormalization, register_backbone
-
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-"""ImageNet RGB channel means in 0-255 units (torch-style normalisation)."""
-IMAGENET_STD = (58.395, 57.12, 57.375)
-"""ImageNet RGB channel standard deviations in 0-255 units."""
+from lungtf.models.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_PREPROCESSING,
+    IMAGENET_STD,
+    PixelNormalization,
+    register_backbone,
+)
 
 CONV_INIT = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
 """He (fan-out) initialisation, as the ResNet/RegNet reference code uses for training from scratch."""
 
 RESNET34_DEPTHS = (3, 4, 6, 3)
 RESNET34_WIDTHS = (64, 128, 256, 512)
-
-
-IMAGENET_PREPROCESSING = "torch-style: (pixels - ImageNet mean) / ImageNet std, in 0-255 units"
-"""What ``imagenet_preprocess`` does, as the backbone specs state it."""
 
 
 def imagenet_preprocess(variant: str) -> keras.layers.Layer:

@@ -29,6 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from lungtf.config import INPUT_NORMS
+
 log = logging.getLogger("lungtf.pretrain")
 
 BASE_LR = 0.05
@@ -41,14 +43,17 @@ DEFAULTS = {"image_size": 128, "crop_size": 64, "epochs": 20, "batch_size": 64,
 counts and seed aside)."""
 
 
-def make_settings(lr: float | None = None, **given) -> dict:
+def make_settings(lr: float | None = None, input_norm: str = "default", **given) -> dict:
     """``pretrain``'s settings: ``DEFAULTS`` updated with the ``given`` ones that are not
-    ``None``, and the peak ``lr`` (default ``BASE_LR * batch_size / 256``)."""
+    ``None``, the peak ``lr`` (default ``BASE_LR * batch_size / 256``), and ``input_norm``
+    (``ModelConfig.input_norm``) when it is not ``default`` (so the settings of a default
+    pretraining, and the resumable state they guard, stay as they were)."""
     s = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
     unknown = sorted(set(s) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown pretraining settings {unknown}; known: {sorted(DEFAULTS)}")
-    return {**s, "lr": lr if lr is not None else BASE_LR * s["batch_size"] / 256}
+    norm = {} if input_norm == "default" else {"input_norm": input_norm}
+    return {**s, "lr": lr if lr is not None else BASE_LR * s["batch_size"] / 256, **norm}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=DEFAULTS["hidden"],
                    help="prediction MLP bottleneck width")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--input-norm", choices=INPUT_NORMS, default="default",
+                   help="the backbone's input normalisation (lungtf.train --input-norm); a run "
+                   "fine-tuning these weights must use the same (it refuses another)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity (0, 1, 2)")
     return p
@@ -178,7 +186,8 @@ def pretrain(entry: str, records: list, out: Path, settings: dict, data_note: di
         records: the tiles (``select_records``).
         out: the output folder.
         settings: ``image_size``, ``crop_size``, ``epochs``, ``batch_size``, ``lr``,
-            ``weight_decay``, ``dim``, ``hidden``, ``seed``.
+            ``weight_decay``, ``dim``, ``hidden``, ``seed`` and optionally ``input_norm``
+            (recorded in the log: ``lungtf.weight_sources.pretrained_input_norm``).
         data_note: what ``select_records`` says about the tiles, copied into the log.
         verbose: Keras ``fit`` verbosity.
 
@@ -219,7 +228,8 @@ def pretrain(entry: str, records: list, out: Path, settings: dict, data_note: di
 
     keras.utils.set_random_seed(s["seed"])
     classifier = build_model(ModelConfig(backbone=name, variant=variant, weights="none",
-                                         image_size=s["image_size"]))
+                                         image_size=s["image_size"],
+                                         input_norm=s.get("input_norm", "default")))
     model = SimSiam(classifier.get_layer("preprocess"), classifier.get_layer("backbone"),
                     dim=s["dim"], hidden=s["hidden"], name=f"simsiam_{name}_{variant}")
     model(np.zeros((2, s["crop_size"], s["crop_size"], 3), np.float32))  # build the weights
@@ -248,7 +258,7 @@ def pretrain(entry: str, records: list, out: Path, settings: dict, data_note: di
         "backbone": name, "variant": variant, "weights": weights_path.name,
         "load_with": f"python -m lungtf.train --backbones {name}:{variant} --weights "
                      f"{name}={weights_path}",
-        **s, "steps_per_epoch": steps, "data": data_note,
+        "input_norm": "default", **s, "steps_per_epoch": steps, "data": data_note,
         "history": history,
         "z_std_collapsed": 0.0, "z_std_spread": round(1 / float(np.sqrt(s["dim"])), 4),
         "wall_seconds": round(sum(h["seconds"] for h in history), 1),
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = make_settings(
             args.lr, image_size=args.image_size, crop_size=args.crop_size, epochs=args.epochs,
             batch_size=args.batch_size, weight_decay=args.weight_decay, dim=args.dim,
-            hidden=args.hidden, seed=args.seed,
+            hidden=args.hidden, seed=args.seed, input_norm=args.input_norm,
         )
         out = Path(args.out)
         for entry in (e.strip() for e in args.backbones.split(",") if e.strip()):

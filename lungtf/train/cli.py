@@ -30,6 +30,7 @@ from pathlib import Path
 from lungtf.config import (
     DISTRIBUTIONS,
     GROUPING_STRICTNESS,
+    INPUT_NORMS,
     PRECISIONS,
     PRESETS,
     SCHEDULES,
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "per backbone as a comma list NAME=SOURCE (e.g. regnet=regnety016_notop.h5,"
         "resnet50d=DIR), a bare item for the others (default imagenet)",
     )
+    p.add_argument("--input-norm", choices=INPUT_NORMS,
+                   help="the model's input normalisation: default (the backbone's own, what its "
+                   "pretrained weights expect), unit (x/255) or imagenet (ImageNet mean/std); "
+                   "other than default only with weights none or lungtf.pretrain weights of it")
     p.add_argument("--augment", help="comma list of augmentations ('' for none)")
     p.add_argument("--cache", action="store_true", default=None, help="cache decoded tiles")
     p.add_argument("--seed", type=int)
@@ -154,7 +159,8 @@ def _overrides(args: argparse.Namespace) -> dict:
             "data_root": args.data_root,
             "allow_outside_root": args.allow_outside_root,
         },
-        "model": {"image_size": args.image_size, "weights": args.weights},
+        "model": {"image_size": args.image_size, "weights": args.weights,
+                  "input_norm": args.input_norm},
         "train": {
             "epochs": args.epochs,
             "head_epochs": args.head_epochs,

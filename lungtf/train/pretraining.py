@@ -41,7 +41,8 @@ def pretrain_settings(run: RunConfig, tiles: int) -> dict:
     d = run.data
     return make_settings(image_size=d.image_size, crop_size=d.crop_size or d.image_size,
                          epochs=run.train.pretrain_epochs,
-                         batch_size=min(DEFAULTS["batch_size"], tiles), seed=d.seed)
+                         batch_size=min(DEFAULTS["batch_size"], tiles), seed=d.seed,
+                         input_norm=run.model.input_norm)
 
 
 @contextlib.contextmanager
