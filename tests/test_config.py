@@ -1,5 +1,6 @@
 """Config dataclasses: validation messages, YAML round-trip, unknown keys rejected."""
 
+import logging
 from dataclasses import replace
 
 import h5py
@@ -171,3 +172,32 @@ def test_every_backbones_weights_kind_is_checked_before_anything_trains(tmp_path
     fake.write_bytes(b"")  # named like weights, not HDF5
     with pytest.raises(ValueError, match=r"'resnet50': resnet50 cannot .*fake.h5 \(not an HDF5"):
         RunConfig(model=ModelConfig(weights=f"{fake},resnet34=none"), backbones=backbones).validate()
+
+
+def test_train_cli_reports_a_bad_configuration_in_one_line_and_writes_nothing(tmp_path, caplog):
+    """A bad flag value, --config file or stored config.yaml ends `python -m lungtf.train` with
+    exit code 2 and one error line naming the problem, before any run directory is made."""
+    from lungtf.train.cli import main
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: [unclosed\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  epochz: 3\n")
+    out = tmp_path / "runs"
+    cases = [
+        (["--lr", "-1"], "lr"),
+        (["--pretrain-epochs", "2", "--weights", "imagenet"], "pretrain_epochs"),
+        (["--config", str(bad_yaml)], "bad.yaml"),
+        (["--config", str(unknown)], "epochz"),
+        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        (["--resume", str(tmp_path / "no-such-run")], "config.yaml"),
+    ]
+    for flags, named in cases:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="lungtf.train"):
+            code = main(["--preset", "cpu", "--output", str(out), "--data", str(tmp_path), *flags])
+        assert code == 2, flags
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "invalid configuration" in errors[0], (flags, errors)
+        assert named in errors[0], (flags, errors)
+    assert not out.exists()

@@ -27,6 +27,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from lungtf.config import (
     DISTRIBUTIONS,
     GROUPING_STRICTNESS,
@@ -254,13 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     from lungtf.train.multiworker import worker_role
     from lungtf.train.runtime import choose_preset
 
-    if args.resume and not _follower_without(Path(args.resume) / "config.yaml"):
-        run_dir = Path(args.resume)
-        cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
-        log.info("resuming %s with its own config.yaml (other flags ignored)", run_dir)
-    else:
-        cfg = resolve_run_config(choose_preset(args.preset), args.config, _overrides(args))
-    cfg.validate()
+    try:
+        if args.resume and not _follower_without(Path(args.resume) / "config.yaml"):
+            run_dir = Path(args.resume)
+            cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
+            log.info("resuming %s with its own config.yaml (other flags ignored)", run_dir)
+        else:
+            cfg = resolve_run_config(choose_preset(args.preset), args.config, _overrides(args))
+        cfg.validate()
+    except (ValueError, OSError, yaml.YAMLError) as err:
+        # a bad flag, preset, --config file or stored config.yaml: one line, nothing written
+        log.error("invalid configuration: %s", err)
+        return 2
     if not args.resume:
         cfg = _with_found_data(cfg)
     role = worker_role(cfg.train.distribution)
