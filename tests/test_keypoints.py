@@ -53,3 +53,29 @@ def test_batched_inliers_equal_opencv_cross_checked_matcher(shared_data, tmp_pat
     copy_views = [features[4], keypoints._mirror(*features[4])]
     found = keypoints._inliers(copy_views, features[:4])
     assert found[0] >= keypoints.COPY_INLIERS > found[2:].max(), found
+
+
+def test_link_groups_joins_a_zoomed_rotated_mirror_bordered_copy_to_its_source(shared_data,
+                                                                                tmp_path):
+    """With the FLANN search at ``CHECKS``, a copy of a real benign tile zoomed 1.8x about an
+    off-centre point, rotated 200 degrees, mirror-bordered and mirrored joins the group of its
+    source's tiles, not the other source's nor one of 30 other real benign tiles (distractors in
+    the index). Checked: without the mirrored queries it is joined to nothing."""
+    import csv
+
+    import cv2
+
+    paths, image = two_benign_sources(shared_data)
+    copy = tmp_path / "copy.jpeg"
+    Image.fromarray(lc25000_copy(image, 1.8, 200, (-0.6, 0.5), (True, False),
+                                  cv2.BORDER_REFLECT_101)).save(copy, quality=90)
+    paths.append(str(copy))
+    with open(shared_data / "groups.csv", newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["label"] == "lung_n"]
+    sources = sorted({r["group"] for r in rows})
+    paths += [str(shared_data / r["path"]) for r in rows if r["group"] in sources[10:40:1]][::7][:30]
+    component = np.concatenate([[0, 0, 1, 1, 2], np.arange(3, len(paths) - 2)])
+    links = keypoints.link_groups(keypoints.SiftCache(paths, 2), [np.arange(len(paths))],
+                                  component, small=2)
+    of_copy = {int(component[b if a == 4 else a]) for a, b in links.tolist() if 4 in (a, b)}
+    assert of_copy == {0}, links
