@@ -85,20 +85,28 @@ def test_unclear_match_joins_every_close_group_under_safe_only(shared_data, tmp_
     """A copy found equally well in two groups (both hold its source tile: one as a second file)
     joins both under ``safe`` (merge when unsure) and neither under ``balanced`` or ``strict``
     (stain colour or nothing decides there); the third source's group is never joined. Before,
-    an unclear match joined nothing under any strictness (checked: this test failed there)."""
+    an unclear match joined nothing under any strictness (checked: this test failed there).
+
+    A sharp image (another real tile of the source, 0.85 against its tile) found equally in the
+    two joins neither even under ``safe``, and is left to stain colour: a sharp tile's own group
+    is found clearly when present, while tiles of other sources tie at up to 0.6
+    (``zoomed.FOUND``); checked: this part failed while sharp images were merged like soft ones."""
     import cv2
 
     paths, image = two_benign_sources(shared_data)
     shutil.copy(paths[0], tmp_path / "twin.jpeg")
     copy = lc25000_copy(image, 2.0, 140, (0.4, -0.3), (True, False), cv2.BORDER_REFLECT)
     Image.fromarray(copy).save(tmp_path / "copy.jpeg", quality=90)
-    third, _ = _sources(shared_data, 3, 2)
-    paths = paths[:2] + [str(tmp_path / "twin.jpeg"), paths[2]] + third[4:] + [
+    first, _ = _sources(shared_data, 3, 2)  # 2 tiles each of sources A, B and C
+    paths = [first[0], first[2], str(tmp_path / "twin.jpeg"), first[3]] + first[4:6] + [
         str(tmp_path / "copy.jpeg")]
-    group = np.array([0, 0, 1, 1, 2, 2, 3])  # A's tile in 0 and 1 (1: with B's), C's tiles (2)
+    group = np.array([0, 0, 1, 1, 2, 2, 3])  # A's tile in 0 and 1 (each with one of B's), C (2)
     for strictness, joined in (("safe", {0, 1}), ("balanced", set()), ("strict", set())):
         _, _, links = _place(paths, group, small=2, strictness=strictness)
         assert {group[j] for i, j in links} == joined, (strictness, links)
+    paths[-1] = first[1]  # A's second real tile
+    queries, _, links = _place(paths, group, small=2)
+    assert queries == [6] and not len(links), links
 
 
 def test_sharp_stray_real_tile_is_searched_and_joins_its_source(shared_data):

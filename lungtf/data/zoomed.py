@@ -37,11 +37,16 @@ MEMBERS = 16
 which not every member of the source's group shows: with 6 members the own group of 2 of 9 soft
 images on the tuning third ranked below another group, with 16 none did."""
 FOUND = 0.6
-"""Correlation the best group must reach for an unclear match to join several groups: below it
-the image may be in none of them, and joining them all would merge unrelated large groups.
-Soft copies scored 0.82 or more in their own group on the tuning third; unrelated synthetic
-textures 0.33-0.39. (A sharp tile matches less well, 0.43-0.61 in its own group at the
-20-degree steps, others up to 0.41: a clear margin joins it whatever its score.)"""
+"""Correlation the best group must reach for a soft image's unclear match to join several groups:
+below it the image may be in none of them, and joining them all would merge unrelated large
+groups. Soft copies scored 0.82 or more in their own group on the tuning third; unrelated
+synthetic textures 0.33-0.39.
+
+A sharp image (a real tile) never joins several groups: on the tuning third (one real tile of
+each of 20 benign sources, the 16 groups of closest colour searched), its own group, when present,
+beat every other by 0.025 or more (20 of 20, at 0.47-1.0), while among other sources' groups
+alone the best two lay within 0.02 for 15 of 20, at up to 0.598. (Looked for after a held-out
+run, where 3 real tiles of a source with no other tiles joined two unrelated groups at 0.62.)"""
 SHARP_ZOOMS = (1.0, *ZOOMS)
 """Zooms a sharp (not soft) image is searched at: it may be an unzoomed copy too."""
 FINE_GROUPS = 12
@@ -159,10 +164,11 @@ def join_zoomed(paths: list[str], component: np.ndarray, queries: list[int],
 
     All candidate groups are first searched coarsely (``COARSE`` members each); the first
     ``FINE_GROUPS`` and, of the others, up to ``COARSE_BEST`` that score at least as high as any
-    of the first are then searched fully (``MEMBERS``). The best group is joined when it beats the second by ``margin``; otherwise,
-    when at most ``ambiguous`` groups lie within ``margin`` of the best and it reaches ``FOUND``,
-    the image joins all of them (merge when unsure: a wrong merge costs a little stratification,
-    a missed pair leaks).
+    of the first are then searched fully (``MEMBERS``). The best group is joined when it beats the
+    second by ``margin``; otherwise, for a soft image, when at most ``ambiguous`` groups lie within
+    ``margin`` of the best and it reaches ``FOUND``, the image joins all of them (merge when
+    unsure: a wrong merge costs a little stratification, a missed pair leaks). A sharp image joins
+    only on a clear margin (``FOUND``).
 
     Args:
         paths: image files.
@@ -202,6 +208,6 @@ def join_zoomed(paths: list[str], component: np.ndarray, queries: list[int],
             scores.append((query, groups, found))
         order = np.argsort(-found, kind="stable")
         close = order[found[order] > found[order[0]] - margin]
-        if len(close) == 1 or (len(close) <= ambiguous and found[order[0]] >= FOUND):
+        if len(close) == 1 or (is_soft and len(close) <= ambiguous and found[order[0]] >= FOUND):
             links += [(query, members[k][0]) for k in close]
     return np.array(links, int).reshape(-1, 2)
