@@ -34,7 +34,7 @@ learned features and no downloads:
    of closest stain colour (past the first ``zoomed.FINE_GROUPS`` only the best of a coarse
    search), shrunk back by its zoom (a sharp image also unzoomed), at every rotation
    (``zoomed.join_zoomed``), and joins the group it is found in best by ``ZOOM_MARGIN`` over
-   the second; under ``safe``, an unclear match joins every group within the margin
+   the second; under ``safe``, a soft image's unclear match joins every group within the margin
    (``ZOOM_AMBIGUOUS``).
 7. Groups still small join the large group of closest stain colour: splitting a true group
    leaks while merging two does not.
@@ -92,7 +92,7 @@ the tuning third with realistic copies, 9 soft images' own groups ranked 0-9 by 
 (seen, not tuned on) 2 of 5 ranked past 12 (one source's group merged with another's, which
 moved its mean colour). Stain colour alone attached 3 of the 9 tuning images to another source."""
 ZOOM_AMBIGUOUS = dict(zip(GROUPING_STRICTNESS, (3, 1, 1)))
-"""``detect_groups``'s ``strictness`` -> the most candidate groups a small group's image joins
+"""``detect_groups``'s ``strictness`` -> the most candidate groups a small group's soft image joins
 when none beats the others by ``ZOOM_MARGIN`` (all within the margin of the best;
 ``zoomed.join_zoomed``): ``safe`` merges when unsure, ``balanced`` and ``strict`` leave such an
 image to the stain-colour stage. On the tuning third (31 soft images of four realistic-copy
