@@ -389,10 +389,7 @@ def detect_groups(
     clock.lap("keypoint links")
     sizes = np.bincount(component)
     units = [np.flatnonzero(component == c) for c in np.flatnonzero((sizes > 0) & (sizes < small))]
-    # a soft image weakly joined to a large group is not checked: on the tuning third with
-    # realistic copies (3,000 tiles) such units took half the check's time and joined nothing
-    soft = prepared.features.softness < SOFT
-    units += [np.array([i]) for i in weak if sizes[component[i]] >= small and not soft[i]]
+    units += [np.array([i]) for i in weak if sizes[component[i]] >= small]
     pairs = np.concatenate([pairs, keypoints.join_unsure(
         sift, component, units, np.concatenate([prepared.nearest(settings["retry_neighbours"]),
                                                 prepared.nearest_colour(COLOUR_NEIGHBOURS)], 1),
