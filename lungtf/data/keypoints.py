@@ -27,14 +27,15 @@ import cv2
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from lungtf.data import matching
+
 SIZE = 224
 """Side in pixels every image is resized to before keypoint detection."""
 FEATURES = 300
 """SIFT keypoints kept per image (the strongest)."""
 NEIGHBOURS = 8
 """Nearest database descriptors taken per query descriptor."""
-PAIR_INLIERS = 6
-"""RANSAC inliers for an image pair to count as evidence (chance alone mostly reaches 4-5)."""
+PAIR_INLIERS = matching.PAIR_INLIERS
 SMALL_EVIDENCE = 15
 """Inliers, summed over the image pairs of two groups, that join a small group to the other.
 
@@ -107,15 +108,6 @@ def _mirror(points: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return mirrored, np.ascontiguousarray(desc[:, _MIRROR])
 
 
-def _similarity_inliers(source: np.ndarray, target: np.ndarray) -> int:
-    """RANSAC inliers of a similarity fit ``source -> target``; 0 if it fails or zooms beyond 4x."""
-    fit, inliers = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC,
-                                               ransacReprojThreshold=3.0)
-    if fit is None or not 0.25 <= np.hypot(fit[0, 0], fit[1, 0]) <= 4:
-        return 0
-    return int(inliers.sum())
-
-
 def _one_to_one(key: np.ndarray, query: np.ndarray, db: np.ndarray,
                 distance: np.ndarray) -> np.ndarray:
     """Indices of matches kept so that, per image pair ``key``, every keypoint is used once.
@@ -145,7 +137,7 @@ def _verify(query_points: np.ndarray, db_points: np.ndarray, key: np.ndarray,
         if count < PAIR_INLIERS:
             continue
         part = slice(start, start + count)
-        n = _similarity_inliers(query_points[part], db_points[part])
+        n = matching.similarity_inliers(query_points[part], db_points[part])
         if n >= PAIR_INLIERS:
             found.append((int(k // images), int(k % images), n))
     return found
@@ -263,70 +255,6 @@ def _representatives(component: np.ndarray, images: np.ndarray, small: int,
     return np.concatenate(chosen) if chosen else np.zeros(0, int)
 
 
-_FAR = np.float32(4e6)
-"""Squared norm given to padding descriptors: farther from any descriptor than any real one."""
-_BLOCK = 16
-"""Target images matched against a query in one matrix product."""
-
-
-def _stack(features: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors of several images as one zero-padded ``[T, F, 128]`` array and their squared
-    norms ``[T, F]`` (``_FAR`` for padding)."""
-    most = max([len(d) for _, d in features] + [1])
-    stacked = np.zeros((len(features), most, 128), np.float32)
-    norms = np.full((len(features), most), _FAR, np.float32)
-    for t, (_, desc) in enumerate(features):
-        stacked[t, : len(desc)] = desc
-        norms[t, : len(desc)] = (desc * desc).sum(1)
-    return stacked, norms
-
-
-def _inliers(views: list[tuple[np.ndarray, np.ndarray]],
-             targets: list[tuple[np.ndarray, np.ndarray]], need: int = PAIR_INLIERS) -> np.ndarray:
-    """Per target, most RANSAC similarity inliers of cross-checked matches from one of ``views``.
-
-    The matches are those of OpenCV's cross-checking brute-force L2 matcher (a query keypoint
-    and a target keypoint that are each other's nearest), found for many targets at once by
-    matrix products: SIFT descriptors are integer-valued, so the squared distances are exact in
-    float32 and ties break the same way (lowest index).
-
-    Args:
-        views: ``(points, descriptors)`` of the query image as shot and mirrored (``_mirror``).
-        targets: ``(points, descriptors)`` of the other images.
-        need: pairs with fewer cross-checked matches are not fitted and count 0 (at least
-            ``PAIR_INLIERS``; inliers never exceed matches, so a caller that counts only pairs
-            with ``need`` inliers loses nothing).
-
-    Returns:
-        int array ``[len(targets)]`` (0 when either image has fewer than ``PAIR_INLIERS``
-        keypoints).
-    """
-    found = np.zeros(len(targets), int)
-    need = max(need, PAIR_INLIERS)
-    if len(views[0][1]) < PAIR_INLIERS:
-        return found
-    query = np.stack([d for _, d in views])
-    rows = np.arange(query.shape[1])
-    query_norms = (query * query).sum(2)[:, :, None, None]
-    for start in range(0, len(targets), _BLOCK):
-        block = targets[start:start + _BLOCK]
-        stacked, norms = _stack(block)
-        distance = query_norms + norms - 2 * (query.reshape(-1, 128) @ stacked.reshape(
-            -1, 128).T).reshape(len(views), len(rows), len(block), -1)
-        nearest = distance.argmin(3).transpose(0, 2, 1)  # [view, target, query keypoint]
-        back = np.take_along_axis(distance.argmin(1), nearest, 2)
-        mutual = back == rows
-        for t, (points, desc) in enumerate(block):
-            if len(desc) < PAIR_INLIERS:
-                continue
-            for v, (query_points, _) in enumerate(views):
-                keep = np.flatnonzero(mutual[v, t])
-                if len(keep) >= need:
-                    found[start + t] = max(found[start + t], _similarity_inliers(
-                        query_points[keep], points[nearest[v, t, keep]]))
-    return found
-
-
 def pair_inliers(sift: SiftCache, pairs: np.ndarray) -> np.ndarray:
     """RANSAC similarity inliers of cross-checked matches of each image pair (either mirror state).
 
@@ -342,7 +270,7 @@ def pair_inliers(sift: SiftCache, pairs: np.ndarray) -> np.ndarray:
 
     def count(pair: np.ndarray) -> int:
         points, desc = sift.get([pair[0]])[0]
-        return int(_inliers([(points, desc), _mirror(points, desc)], sift.get([pair[1]]))[0])
+        return int(matching.inliers([(points, desc), _mirror(points, desc)], sift.get([pair[1]]))[0])
 
     with threadpool_limits(1, "blas"), ThreadPoolExecutor(sift.workers) as pool:
         return np.fromiter(pool.map(count, pairs), int, len(pairs))
@@ -395,7 +323,7 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
         targets = sift.get(np.concatenate(reps))
         evidence = np.zeros(len(candidates), int)
         for points, desc in sift.get(unit):
-            found = _inliers([(points, desc), _mirror(points, desc)], targets, need)
+            found = matching.inliers([(points, desc), _mirror(points, desc)], targets, need)
             evidence += np.bincount(owner, np.where(found >= need, found, 0),
                                     len(candidates)).astype(int)
         if evidence.max() < SMALL_EVIDENCE:
@@ -446,7 +374,7 @@ def cross_matches(sift: SiftCache, queries: np.ndarray, database: np.ndarray,
                 votes.append(((owner[hits].astype(np.int64) << 20) + keypoint).ravel())
         images, counts = np.unique(np.unique(np.concatenate(votes)) >> 20, return_counts=True)
         candidates = images[np.argsort(-counts, kind="stable")[:CANDIDATES]]
-        inliers = _inliers(views, sift.get(candidates)).tolist()
+        inliers = matching.inliers(views, sift.get(candidates)).tolist()
         top = int(np.argmax(inliers)) if inliers else 0
         return int(query), int(candidates[top]) if inliers else -1, inliers[top] if inliers else 0
 
