@@ -5,6 +5,7 @@ import gc
 import json
 import logging
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -270,11 +271,12 @@ def test_cli_study_backbones_from_local_weights_on_shared_tiles(shared_data, tmp
     assert any((run / "best" / "saved_model").glob("*/saved_model.pb"))
 
 
-def test_invalid_config_fails_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match="unknown backbone 'vgg16'.*resnet34"):
-        main(["--backbones", "resnet34,vgg16", "--output", str(tmp_path / "runs")])
-    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
-        main(["--batch-size", "0", "--output", str(tmp_path / "runs")])
+def test_invalid_config_fails_before_anything_runs(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="lungtf.train"):
+        assert main(["--backbones", "resnet34,vgg16", "--output", str(tmp_path / "runs")]) == 2
+        assert re.search("invalid configuration: unknown backbone 'vgg16'.*resnet34", caplog.text)
+        assert main(["--batch-size", "0", "--output", str(tmp_path / "runs")]) == 2
+        assert "batch_size must be >= 1; got 0" in caplog.text
     assert not (tmp_path / "runs").exists()
 
 
