@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +96,25 @@ def two_benign_sources(shared_data: Path) -> tuple[list[str], np.ndarray]:
              for r in [r for r in rows if r["group"] == g][:2]]
     with Image.open(paths[0]) as im:
         return paths, np.asarray(im.convert("RGB"))
+
+
+@contextlib.contextmanager
+def backbones_from_module(folder: Path, module: str, source: str, names: tuple[str, ...]):
+    """Import ``source`` as module ``module`` from a file in ``folder``, so that a child process
+    (``lungtf.train.isolate``) can import the backbones it registers too; on exit ``names`` leave
+    the registry and the module leaves ``sys.modules`` and the path."""
+    from lungtf.models import registry
+
+    (folder / f"{module}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    try:
+        importlib.import_module(module)
+        yield module
+    finally:
+        for name in names:
+            registry._REGISTRY.pop(name, None)
+        sys.modules.pop(module, None)
+        sys.path.remove(str(folder))
 
 
 @pytest.fixture

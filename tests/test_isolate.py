@@ -4,17 +4,15 @@ The backbones are two-convolution probes registered by a module written into a t
 folder (a child process must be able to import what registered them); 32 px, 1 epoch.
 """
 
-import importlib
 import json
 import logging
 import os
 import re
-import sys
 from dataclasses import replace
 
 import keras
 import pytest
-from conftest import write_grouped_tiles
+from conftest import backbones_from_module, write_grouped_tiles
 
 from lungtf.config import RunConfig, TrainConfig
 from lungtf.train import main
@@ -52,17 +50,9 @@ for name in ("iso_a", "iso_b"):
 @pytest.fixture(scope="module")
 def probe_module(tmp_path_factory):
     """Import the probes from a module file (``PROBES``); removed from the registry after."""
-    from lungtf.models import registry
-
     folder = tmp_path_factory.mktemp("probes")
-    (folder / "isolate_probes.py").write_text(PROBES)
-    sys.path.insert(0, str(folder))
-    importlib.import_module("isolate_probes")
-    yield "isolate_probes"
-    for name in ("iso_a", "iso_b"):
-        del registry._REGISTRY[name]
-    del sys.modules["isolate_probes"]
-    sys.path.remove(str(folder))
+    with backbones_from_module(folder, "isolate_probes", PROBES, ("iso_a", "iso_b")) as module:
+        yield module
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,9 @@ run's own training split inside the backbone's training."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_grouped_tiles
+from conftest import backbones_from_module, write_grouped_tiles
 
 import lungtf.pretrain.views
 import lungtf.train.fit
@@ -182,16 +180,9 @@ def probe(variant, input_shape):
 def pretrain_probe(tmp_path_factory):
     """Backbone ``pre_probe`` from a module file, so a child process can import it too (a real
     backbone's train step takes far longer to trace); removed from the registry after."""
-    from lungtf.models import registry
-
     folder = tmp_path_factory.mktemp("probes")
-    (folder / "pretrain_probes.py").write_text(PROBES)
-    sys.path.insert(0, str(folder))
-    importlib.import_module("pretrain_probes")
-    yield "pre_probe"
-    del registry._REGISTRY["pre_probe"]
-    del sys.modules["pretrain_probes"]
-    sys.path.remove(str(folder))
+    with backbones_from_module(folder, "pretrain_probes", PROBES, ("pre_probe",)):
+        yield "pre_probe"
 
 
 def _backbone_weights(model) -> list:
