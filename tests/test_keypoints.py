@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import lc25000_copy, two_benign_sources
 from PIL import Image
 
 from lungtf.data import keypoints
-from tests.conftest import lc25000_copy, two_benign_sources
 
 
 def test_link_groups_joins_a_zoomed_rotated_mirror_bordered_copy_to_its_source(shared_data,

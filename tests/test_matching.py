@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import lc25000_copy, two_benign_sources
 from PIL import Image
 
 from lungtf.data import keypoints, matching
-from tests.conftest import lc25000_copy, two_benign_sources
 
 
 def _reference(views, target) -> int:
