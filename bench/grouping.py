@@ -20,7 +20,8 @@ the part to quote); ``--classes`` and ``--sources`` (groups per class) make smal
 are drawn only from the kept sources.
 
     .venv/bin/python bench/grouping.py [--data DIR] [--seeds 10] [--tiles 15000] [--copies realistic]
-        [--part held-out] [--classes lung_n] [--sources 30] [--skip 30]
+        [--part held-out] [--classes lung_n] [--sources 30] [--skip 30] [--copy-seed 1]
+        [--save groups.csv]
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ def select(rows: list[dict], part: str, classes: list[str] | None, sources: int,
     return rows
 
 
-def realistic_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A zoomed-in (1-2.5x, off-centre), rotated (any angle), border-filled, flipped copy."""
+def realistic_copy(image: np.ndarray, rng: np.random.Generator,
+                   made: dict | None = None) -> np.ndarray:
+    """A zoomed-in (1-2.5x, off-centre), rotated (any angle), border-filled, flipped copy.
+
+    ``made``, if given, is filled with how: ``zoom``, ``angle``, ``border``, ``flips``."""
     import cv2
 
     side = image.shape[0]
@@ -91,13 +95,18 @@ def realistic_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cx, cy = side / 2 + rng.uniform(-reach, reach), side / 2 + rng.uniform(-reach, reach)
     warp = cv2.getRotationMatrix2D((cx, cy), angle, zoom)
     warp[:, 2] += (side / 2 - cx, side / 2 - cy)
-    border = (cv2.BORDER_REFLECT, cv2.BORDER_REFLECT_101, cv2.BORDER_CONSTANT)[rng.integers(3)]
+    kind = int(rng.integers(3))
+    border = (cv2.BORDER_REFLECT, cv2.BORDER_REFLECT_101, cv2.BORDER_CONSTANT)[kind]
     out = cv2.warpAffine(image, warp, (side, side), flags=cv2.INTER_CUBIC, borderMode=border,
                          borderValue=(255, 255, 255))
+    flips = ""
     if rng.random() < 0.5:
-        out = out[:, ::-1]
+        out, flips = out[:, ::-1], "h"
     if rng.random() < 0.5:
-        out = out[::-1]
+        out, flips = out[::-1], flips + "v"
+    if made is not None:
+        made.update(zoom=round(zoom, 3), angle=round(angle, 1),
+                    border=("reflect", "reflect101", "constant")[kind], flips=flips)
     return np.ascontiguousarray(out)
 
 
@@ -116,11 +125,13 @@ def add_copies(rows: list[dict], root: Path, out: Path, total: int, seed: int = 
         with Image.open(root / row["path"]) as src:
             image = src.convert("RGB")
         if realistic:
-            image = Image.fromarray(realistic_copy(np.asarray(image), rng))
+            made: dict = {}
+            image = Image.fromarray(realistic_copy(np.asarray(image), rng, made))
             path = out / row["label"] / f"copy{i:05d}.jpeg"
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path, quality=90)
-            added.append({"path": str(path), "label": row["label"], "group": row["group"]})
+            added.append({"path": str(path), "label": row["label"], "group": row["group"],
+                          "source": row["path"], **made})
             continue
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -150,6 +161,14 @@ def main() -> None:
     parser.add_argument("--classes", default="", help="comma-separated classes (default: all)")
     parser.add_argument("--sources", type=int, default=0,
                         help="first N source groups per class of the part (0: all)")
+    parser.add_argument("--copy-seed", type=int, default=0,
+                        help="seed of the generated copies (another seed: a fresh set of copies)")
+    parser.add_argument("--save", default="",
+                        help="write path,label,true group,found group and how each copy was made "
+                             "to this CSV")
+    parser.add_argument("--copies-dir", default="",
+                        help="write the generated copies here and keep them (default: a temporary "
+                             "folder removed at the end)")
     parser.add_argument("--skip", type=int, default=0,
                         help="leave out the first N source groups per class of the part first")
     args = parser.parse_args()
@@ -161,10 +180,11 @@ def main() -> None:
           f"source groups")
     if args.tiles > len(rows):  # the folder lives as long as `scratch`, to the end of main
         scratch = tempfile.TemporaryDirectory(prefix="lungtf-grouping-")
-        copies = add_copies(rows, root, Path(scratch.name), args.tiles,
+        folder = Path(args.copies_dir or scratch.name)
+        copies = add_copies(rows, root, folder, args.tiles, seed=args.copy_seed,
                             realistic=args.copies == "realistic")
-        print(f"{len(rows)} real tiles + {len(copies)} generated {args.copies} copies in "
-              f"{scratch.name}")
+        print(f"{len(rows)} real tiles + {len(copies)} generated {args.copies} copies "
+              f"(seed {args.copy_seed}) in {folder}")
         rows += copies
     paths = [str(root / row["path"]) for row in rows]
     labels = [row["label"] for row in rows]
@@ -203,6 +223,14 @@ def main() -> None:
           + f"; random split mean {np.mean(leaky):.2%}; true-group split mean {np.mean(exact):.2%}")
     print("automatic grouped split leak per seed: "
           + " ".join(f"{leak:.2%}" for leak in auto))
+    if args.save:
+        fields = ["path", "label", "group", "found", "source", "zoom", "angle", "border", "flips"]
+        with open(args.save, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fields, extrasaction="ignore")
+            writer.writeheader()
+            for path, row, group in zip(paths, rows, found):
+                writer.writerow({**row, "path": path, "found": group})
+        print(f"per-tile groups written to {args.save}")
 
 
 if __name__ == "__main__":
