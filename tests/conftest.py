@@ -117,6 +117,43 @@ def backbones_from_module(folder: Path, module: str, source: str, names: tuple[s
         sys.path.remove(str(folder))
 
 
+PROBE_SOURCE = '''"""Two-convolution test backbones {listed}; variant ``raise`` fails when built,
+variant ``kill`` ends its process with SIGKILL there."""
+import os
+import signal
+
+import keras
+
+from lungtf.models import register_backbone
+from lungtf.models.resnet import IMAGENET_PREPROCESSING, conv_bn, imagenet_preprocess
+
+
+def probe(variant, input_shape):
+    if variant == "raise":
+        raise RuntimeError("probe variant raise fails on purpose")
+    if variant == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    inputs = keras.Input(input_shape)
+    x = conv_bn(conv_bn(inputs, 8, 3, 2, "stem"), 16, 3, 2, "conv")
+    return keras.Model(inputs, x, name="probe")
+
+
+for name in {names!r}:
+    register_backbone(name, preprocess=imagenet_preprocess, from_scratch=True,
+                      preprocessing=IMAGENET_PREPROCESSING, default_variant={variants[0]!r},
+                      variants={variants!r}, description="a two-convolution test backbone")(probe)
+'''
+
+
+def probe_source(*names: str, variants: tuple[str, ...] = ("v1",)) -> str:
+    """Source of a module registering backbones ``names``: two convolutions with BatchNorm (8 and
+    16 channels, stride 2), from scratch, ImageNet mean/std input, ``variants`` (the first is the
+    default; variant ``raise`` fails when built, ``kill`` SIGKILLs its process). Tests of what
+    does not depend on the backbone use it (a real one's train step takes 30-70 CPU-seconds to
+    trace): imported with ``backbones_from_module``, or run before ``python -m lungtf.train``."""
+    return PROBE_SOURCE.format(names=names, listed=", ".join(names), variants=variants)
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     """A class-folder dataset: 3 classes x 8 tiny JPEG tiles (40 px), real files on disk."""

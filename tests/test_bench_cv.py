@@ -7,10 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-from conftest import write_grouped_tiles
+from conftest import backbones_from_module, probe_source, write_grouped_tiles
 
 from bench import cv
 from lungtf.constants import CLASS_NAMES
@@ -20,22 +19,12 @@ RECIPE = ("--preset cpu --backbones cv_probe --image-size 32 --crop-size 0 --bat
 
 
 @pytest.fixture(scope="module")
-def probe_backbone():
+def probe_backbone(tmp_path_factory):
     """A two-convolution backbone ``cv_probe``, registered for this module only: the test checks
     bench/cv.py, and a real backbone's train step takes ~70 CPU-seconds to trace per fold run."""
-    from lungtf.models import register_backbone, registry
-    from lungtf.models.resnet import IMAGENET_PREPROCESSING, conv_bn, imagenet_preprocess
-
-    @register_backbone("cv_probe", preprocess=imagenet_preprocess,
-                       preprocessing=IMAGENET_PREPROCESSING, default_variant="tiny",
-                       from_scratch=True, description="a two-convolution test backbone")
-    def cv_probe(variant, input_shape):
-        inputs = keras.Input(input_shape)
-        x = conv_bn(conv_bn(inputs, 8, 3, 2, "stem"), 16, 3, 2, "conv")
-        return keras.Model(inputs, x, name="cv_probe")
-
-    yield "cv_probe"
-    del registry._REGISTRY["cv_probe"]
+    folder = tmp_path_factory.mktemp("probes")
+    with backbones_from_module(folder, "cv_probes", probe_source("cv_probe"), ("cv_probe",)):
+        yield "cv_probe"
 
 
 @pytest.fixture

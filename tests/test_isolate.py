@@ -12,46 +12,21 @@ from dataclasses import replace
 
 import keras
 import pytest
-from conftest import backbones_from_module, write_grouped_tiles
+from conftest import backbones_from_module, probe_source, write_grouped_tiles
 
 from lungtf.config import RunConfig, TrainConfig
 from lungtf.train import main
 from lungtf.train.cli import build_parser
 from lungtf.train.isolate import in_child_processes, planned_jit, resolve_backbone_process
 
-PROBES = '''"""Two-convolution backbones iso_a and iso_b; variant ``raise`` fails when it is built,
-variant ``kill`` ends its process with SIGKILL there."""
-import os
-import signal
-
-import keras
-
-from lungtf.models import register_backbone
-from lungtf.models.resnet import IMAGENET_PREPROCESSING, conv_bn, imagenet_preprocess
-
-
-def probe(variant, input_shape):
-    if variant == "raise":
-        raise RuntimeError("probe variant raise fails on purpose")
-    if variant == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    inputs = keras.Input(input_shape)
-    x = conv_bn(conv_bn(inputs, 8, 3, 2, "stem"), 16, 3, 2, "conv")
-    return keras.Model(inputs, x, name="probe")
-
-
-for name in ("iso_a", "iso_b"):
-    register_backbone(name, preprocess=imagenet_preprocess, from_scratch=True,
-                      preprocessing=IMAGENET_PREPROCESSING, default_variant="v1",
-                      variants=("v1", "raise", "kill"), description="a test backbone")(probe)
-'''
-
 
 @pytest.fixture(scope="module")
 def probe_module(tmp_path_factory):
-    """Import the probes from a module file (``PROBES``); removed from the registry after."""
-    folder = tmp_path_factory.mktemp("probes")
-    with backbones_from_module(folder, "isolate_probes", PROBES, ("iso_a", "iso_b")) as module:
+    """Import the probes ``iso_a`` and ``iso_b`` (variants ``v1``, ``raise``, ``kill``) from a
+    module file; removed from the registry after."""
+    folder, names = tmp_path_factory.mktemp("probes"), ("iso_a", "iso_b")
+    source = probe_source(*names, variants=("v1", "raise", "kill"))
+    with backbones_from_module(folder, "isolate_probes", source, names) as module:
         yield module
 
 

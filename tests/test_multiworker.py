@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import probe_source
 
 from lungtf.train.multiworker import WORKERS_DIR, Role, worker_role
 
@@ -28,20 +29,8 @@ EPOCHS = 3
 NAME = "mw"
 BACKBONE = "mw_probe"
 BACKBONE_DIR = "mw_probe"
-PROBE_TRAIN = """import runpy
-import keras
-from lungtf.models import register_backbone
-from lungtf.models.resnet import IMAGENET_PREPROCESSING, conv_bn, imagenet_preprocess
-
-
-@register_backbone("mw_probe", preprocess=imagenet_preprocess, from_scratch=True,
-                   preprocessing=IMAGENET_PREPROCESSING, default_variant="tiny",
-                   description="a two-convolution test backbone")
-def mw_probe(variant, input_shape):
-    inputs = keras.Input(input_shape)
-    x = conv_bn(conv_bn(inputs, 8, 3, 2, "stem"), 16, 3, 2, "conv")
-    return keras.Model(inputs, x, name="mw_probe")
-
+PROBE_TRAIN = probe_source(BACKBONE) + """
+import runpy
 
 runpy.run_module("lungtf.train", run_name="__main__", alter_sys=True)
 """

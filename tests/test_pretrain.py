@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import backbones_from_module, write_grouped_tiles
+from conftest import backbones_from_module, probe_source, write_grouped_tiles
 
 import lungtf.pretrain.views
 import lungtf.train.fit
@@ -104,7 +104,8 @@ def test_cli_refuses_missing_data_and_empty_split(tmp_path, tiny_folder):
                  "--out", str(tmp_path / "out")]) == 2
 
 
-def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder, caplog):
+def test_pretrain_end_to_end_weights_load_as_weights_path(pretrain_probe, tmp_path, tiny_folder,
+                                                          caplog):
     """Train-split tiles only; loss finite and moving; the file loads as --weights PATH does."""
     manifest = tmp_path / "splits.csv"
     split = grouped_manifest(tiny_folder, manifest)
@@ -114,9 +115,9 @@ def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder,
     out = tmp_path / "pretrained"
     settings = {"image_size": 40, "crop_size": 32, "epochs": 2, "batch_size": 8, "lr": 0.05,
                 "weight_decay": 1e-4, "dim": 64, "hidden": 16, "seed": 42}
-    model = pretrain("regnet:200mf", records, out, settings, note, verbose=0)
+    model = pretrain(pretrain_probe, records, out, settings, note, verbose=0)
 
-    logged = json.loads((out / "regnet-200mf.json").read_text())
+    logged = json.loads((out / "pre_probe-v1.json").read_text())
     assert logged["data"]["split"] == "train" and logged["data"]["tiles"] == len(train)
     assert "were not read" in logged["data"]["note"]
     losses = [h["loss"] for h in logged["history"]]
@@ -124,8 +125,8 @@ def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder,
     assert losses[0] != losses[1]
     assert all(h["z_std"] > 0 for h in logged["history"])
 
-    path = out / "regnet-200mf.weights.h5"
-    loaded = build_model(ModelConfig(backbone="regnet", variant="200mf", weights=str(path),
+    path = out / "pre_probe-v1.weights.h5"
+    loaded = build_model(ModelConfig(backbone=pretrain_probe, weights=str(path),
                                      image_size=40)).get_layer("backbone")
     assert len(loaded.weights) == len(model.backbone.weights)
     for saved, read in zip(model.backbone.weights, loaded.weights):
@@ -135,9 +136,9 @@ def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder,
     assert any(np.any(m) for m in moving)  # trained statistics, not a fresh initialisation
     assert not list(out.rglob(".tmp-*"))
 
-    flags = ["--splits", str(manifest), "--image-size", "40", "--crop-size", "32",
-             "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--dim", "64",
-             "--hidden", "16", "--out", str(out), "--verbose", "0"]
+    flags = ["--backbones", pretrain_probe, "--splits", str(manifest), "--image-size", "40",
+             "--crop-size", "32", "--epochs", "2", "--batch-size", "8", "--lr", "0.05",
+             "--dim", "64", "--hidden", "16", "--out", str(out), "--verbose", "0"]
     stamp = path.stat().st_mtime_ns
     assert main(flags) == 0  # finished with the same settings: skipped
     assert "already pretrained" in caplog.text and path.stat().st_mtime_ns == stamp
@@ -147,33 +148,15 @@ def test_pretrain_end_to_end_weights_load_as_weights_path(tmp_path, tiny_folder,
     # Killed after the last backup, before the weights were written: the same command restores
     # the backup (BackupAndRestore), trains no further and writes the same weights.
     path.unlink()
-    (out / "regnet-200mf.json").unlink()
+    (out / "pre_probe-v1.json").unlink()
     assert main(flags) == 0
-    again = build_model(ModelConfig(backbone="regnet", variant="200mf", weights=str(path),
+    again = build_model(ModelConfig(backbone=pretrain_probe, weights=str(path),
                                     image_size=40)).get_layer("backbone")
     for saved, read in zip(model.backbone.weights, again.weights):
         np.testing.assert_array_equal(saved.numpy(), read.numpy())
     # Not trained again (seeded, a retraining could give the same weights): the same epochs,
     # timings included.
-    assert json.loads((out / "regnet-200mf.json").read_text())["history"] == logged["history"]
-
-
-
-PROBES = '''"""Backbone pre_probe (two convolutions with BatchNorm) for the in-run pretraining tests."""
-import keras
-
-from lungtf.models import register_backbone
-from lungtf.models.resnet import IMAGENET_PREPROCESSING, conv_bn, imagenet_preprocess
-
-
-@register_backbone("pre_probe", preprocess=imagenet_preprocess, from_scratch=True,
-                   preprocessing=IMAGENET_PREPROCESSING, default_variant="v1",
-                   description="a test backbone")
-def probe(variant, input_shape):
-    inputs = keras.Input(input_shape)
-    x = conv_bn(conv_bn(inputs, 8, 3, 2, "stem"), 16, 3, 2, "conv")
-    return keras.Model(inputs, x, name="probe")
-'''
+    assert json.loads((out / "pre_probe-v1.json").read_text())["history"] == logged["history"]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +164,8 @@ def pretrain_probe(tmp_path_factory):
     """Backbone ``pre_probe`` from a module file, so a child process can import it too (a real
     backbone's train step takes far longer to trace); removed from the registry after."""
     folder = tmp_path_factory.mktemp("probes")
-    with backbones_from_module(folder, "pretrain_probes", PROBES, ("pre_probe",)):
+    source = probe_source("pre_probe")
+    with backbones_from_module(folder, "pretrain_probes", source, ("pre_probe",)):
         yield "pre_probe"
 
 

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_grouped_tiles, write_tile
+from conftest import backbones_from_module, probe_source, write_grouped_tiles, write_tile
 
 from lungtf.config import ModelConfig, dump_yaml, load_yaml, resolve_run_config
 from lungtf.constants import CLASS_NAMES
@@ -47,29 +47,16 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def probes():
+def probes(tmp_path_factory):
     """Two two-convolution backbones registered for this module: ``probe_a`` and ``probe_b``
     (variants ``v1``, ``v2``). Run orchestration (phases, resume, comparison, packaging, release)
     does not depend on the backbone, and a real one's train step takes ~30-70 CPU-seconds to
     trace; every real backbone is trained through the command line elsewhere (``tiny_run``,
     the study below, tests/test_multiworker.py)."""
-    from lungtf.models import register_backbone, registry
-    from lungtf.models.resnet import IMAGENET_PREPROCESSING, conv_bn, imagenet_preprocess
-
-    def probe(variant, input_shape):
-        inputs = keras.Input(input_shape)
-        x = conv_bn(conv_bn(inputs, 8, 3, 2, "stem"), 16, 3, 2, "conv")
-        return keras.Model(inputs, x, name=f"probe_{variant}")
-
-    names = ("probe_a", "probe_b")
-    for name in names:
-        register_backbone(name, preprocess=imagenet_preprocess, from_scratch=True,
-                          preprocessing=IMAGENET_PREPROCESSING, default_variant="v1",
-                          variants=("v1", "v2"), description="a two-convolution test backbone",
-                          )(probe)  # fmt: skip
-    yield names
-    for name in names:
-        del registry._REGISTRY[name]
+    folder, names = tmp_path_factory.mktemp("probes"), ("probe_a", "probe_b")
+    source = probe_source(*names, variants=("v1", "v2"))
+    with backbones_from_module(folder, "train_probes", source, names):
+        yield names
 
 
 def _live(kind: type) -> int:
