@@ -21,6 +21,7 @@ from test_serving import launch, wait_ready
 
 from lungtf import export
 from lungtf.client import LungClient, LungClientError, main, parse_predictions, split_batches
+from lungtf.client.api import RETRIES
 from lungtf.constants import CLASS_NAMES, MAX_BATCH_IMAGES, MAX_BATCH_PIXELS
 from lungtf.evaluate import gradcam
 
@@ -159,6 +160,28 @@ def test_unavailable_is_retried_with_backoff_and_not_found_is_not(served: dict) 
         LungClient(served["target"], retries=2, backoff=1.0, model_name="colon").status()
     assert err.value.code == grpc.StatusCode.NOT_FOUND
     assert time.perf_counter() - start < 1.0  # not retried
+
+
+def test_command_line_retries_is_how_many_times_a_refused_call_is_sent_again(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """``status`` against a loopback port nobody listens on (UNAVAILABLE, retried): with
+    ``--retries 0`` it gives up after one attempt, with ``--retries 1`` after two, by default
+    after ``RETRIES`` + 1; a negative count is refused before any call. Fails on the CLI
+    before ``--retries`` (unrecognized argument, exit 2)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sock.getsockname()[1]}"
+    for flags, attempts in [(["--retries", "0"], 1), (["--retries", "1"], 2), ([], RETRIES + 1)]:
+        assert main(["status", "--target", target, "--timeout", "10", *flags]) == 1
+        err = capsys.readouterr().err
+        assert "UNAVAILABLE" in err and f"gave up after {attempts} attempt(s)" in err, err
+    with pytest.raises(SystemExit) as stop:
+        main(["status", "--target", target, "--retries", "-1"])
+    assert stop.value.code == 2
+    assert "--retries must be >= 0 (0: no retry); got -1" in capsys.readouterr().err
 
 
 def test_command_line_predict_and_status(

@@ -187,6 +187,10 @@ def credentials_from_args(args: argparse.Namespace) -> grpc.ChannelCredentials |
     return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 
+RETRIES = 3
+"""``LungClient``'s default ``retries`` (``python -m lungtf.client --retries``)."""
+
+
 class LungClient:
     """Predictions, metadata and status from a served lungtf model.
 
@@ -214,7 +218,7 @@ class LungClient:
         max_batch_images: int = MAX_BATCH_IMAGES,
         model_name: str = "lungtf",
         version: int | None = None,
-        retries: int = 3,
+        retries: int = RETRIES,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,

@@ -8,6 +8,8 @@
 With ``--tls-ca`` (the CA that signed the server's certificate; gRPC's default roots with
 ``--tls``) the channel speaks TLS; ``--tls-cert``/``--tls-key`` add a client certificate for a
 server that verifies clients (TF Serving's ``client_verify``). Plaintext otherwise.
+``--timeout`` bounds each call, its retries included; ``--retries N`` is how many times a call
+the server refused for the moment (``lungtf.client.retry.retryable``) is sent again, 0 for none.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from lungtf.client.api import (
     IMAGE_SUFFIXES,
+    RETRIES,
     Explanation,
     LungClient,
     LungClientError,
@@ -105,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--target", default="127.0.0.1:8500", help="gRPC HOST:PORT")
         cmd.add_argument("--model-name", default="lungtf")
         cmd.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+        cmd.add_argument("--retries", type=int, default=RETRIES, metavar="N",
+                         help=f"extra attempts of a call the server refused for the moment "
+                         f"(unavailable, busy), with backoff, within --timeout; 0: none "
+                         f"(default {RETRIES})")
         add_tls_arguments(cmd)
     pred = sub.choices["predict"]
     pred.add_argument("inputs", nargs="+", help="image files or folders")
@@ -121,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict" and not 1 <= args.batch_size <= MAX_BATCH_IMAGES:
         parser.error(f"--batch-size must be in 1..{MAX_BATCH_IMAGES} (the most images the "
                      f"exported model takes in one request); got {args.batch_size}")
+    if args.retries < 0:
+        parser.error(f"--retries must be >= 0 (0: no retry); got {args.retries}")
     try:
         credentials = credentials_from_args(args)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     client = LungClient(
-        args.target, timeout=args.timeout, model_name=args.model_name, credentials=credentials
+        args.target, timeout=args.timeout, model_name=args.model_name, credentials=credentials,
+        retries=args.retries,
     )
     try:
         if args.command == "status":
