@@ -49,7 +49,34 @@ def test_batched_inliers_equal_opencv_cross_checked_matcher(shared_data, tmp_pat
         needed = matching.inliers(views, targets, need=keypoints.COPY_INLIERS)
         assert (needed[expected >= keypoints.COPY_INLIERS]
                 == expected[expected >= keypoints.COPY_INLIERS]).all()
+        # the rotation/zoom vote stops no pair of copies, only pairs under ``need``
+        voted = matching.inliers(views, targets, need=keypoints.COPY_INLIERS, vote=True)
+        copies = needed >= keypoints.COPY_INLIERS
+        assert voted[copies].tolist() == needed[copies].tolist()
+        assert (voted[~copies] < keypoints.COPY_INLIERS).all()
     # the copies match their source tile (index 0) clearly, the other source's tiles do not
     copy_views = [features[4], keypoints._mirror(*features[4])]
     found = matching.inliers(copy_views, features[:4])
     assert found[0] >= keypoints.COPY_INLIERS > found[2:].max(), found
+
+
+def test_consistent_counts_matches_agreeing_on_one_rotation_and_zoom():
+    """Matches of a copy (every orientation turned by 356-362 degrees, across the 0/360 seam, and
+    sizes zoomed 1.6x, with a little noise) all agree; matches with random orientations and
+    sizes (chance matches of different tissue) do not. Checked: without the circular seam, or
+    with orientation ignored, it fails."""
+    rng = np.random.default_rng(0)
+    n = 60
+    source = np.stack([rng.uniform(0, 224, n), rng.uniform(0, 224, n), rng.uniform(0, 360, n),
+                       rng.uniform(2, 12, n)], 1).astype(np.float32)
+    target = source.copy()
+    target[:, 2] = np.mod(source[:, 2] + 359 + rng.uniform(-3, 3, n), 360)
+    target[:, 3] = source[:, 3] * 1.6 * np.exp2(rng.uniform(-0.1, 0.1, n))
+    assert matching.consistent(source, target) == n
+    chance = target.copy()
+    chance[:, 2] = rng.uniform(0, 360, n)
+    chance[:, 3] = rng.uniform(2, 12, n)
+    assert matching.consistent(source, chance) < 10
+    turned_only = chance.copy()
+    turned_only[:, 3] = target[:, 3]
+    assert matching.consistent(source, turned_only) < 15

@@ -90,21 +90,24 @@ class SiftCache:
 
 
 def _sift(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """SIFT keypoint positions ``[n, 2]`` and descriptors ``[n, 128]`` of a ``SIZE`` grey image."""
+    """SIFT keypoints ``[n, 4]`` (x, y, orientation in degrees, size) and descriptors ``[n, 128]``
+    of a ``SIZE`` grey image."""
     grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if grey is None:
         raise ValueError(f"cannot decode image {path} for keypoint matching")
     grey = cv2.resize(grey, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     found, desc = cv2.SIFT_create(nfeatures=FEATURES).detectAndCompute(grey, None)
     if desc is None:
-        return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32)
-    return np.float32([k.pt for k in found]), desc
+        return np.zeros((0, 4), np.float32), np.zeros((0, 128), np.float32)
+    return np.float32([(*k.pt, k.angle, k.size) for k in found]), desc
 
 
 def _mirror(points: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Keypoints and descriptors of the left-right mirrored image, from the image's own."""
     mirrored = points.copy()
     mirrored[:, 0] = SIZE - 1 - mirrored[:, 0]
+    if mirrored.shape[1] > 2:  # orientation, degrees (y down): a left-right mirror reverses it
+        mirrored[:, 2] = np.mod(180 - mirrored[:, 2], 360)
     return mirrored, np.ascontiguousarray(desc[:, _MIRROR])
 
 
@@ -323,7 +326,8 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
         targets = sift.get(np.concatenate(reps))
         evidence = np.zeros(len(candidates), int)
         for points, desc in sift.get(unit):
-            found = matching.inliers([(points, desc), _mirror(points, desc)], targets, need)
+            found = matching.inliers([(points, desc), _mirror(points, desc)], targets, need,
+                                     vote=True)
             evidence += np.bincount(owner, np.where(found >= need, found, 0),
                                     len(candidates)).astype(int)
         if evidence.max() < SMALL_EVIDENCE:
