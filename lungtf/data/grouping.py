@@ -29,14 +29,17 @@ learned features and no downloads:
    best, two large groups only on strong evidence); a group still small, or an image joined only
    by a colour-gated correlation, is then matched directly (``keypoints.join_unsure``) against
    the groups of its nearest images by descriptor.
-6. One image of each group still small (its soft image if it has one: a copy zoomed in so far
+6. Two large groups that are pieces of one source (their representatives match pair after
+   pair, though no single pair as strongly as ``link_groups`` asks of two large groups) are
+   joined (``keypoints.join_large``; not under ``strict``).
+7. One image of each group still small (its soft image if it has one: a copy zoomed in so far
    that it has few keypoints) is looked for inside members of the ``ZOOM_GROUPS`` large groups
    of closest stain colour (past the first ``zoomed.FINE_GROUPS`` only the best of a coarse
    search), shrunk back by its zoom (a sharp image also unzoomed), at every rotation
    (``zoomed.join_zoomed``), and joins the group it is found in best by ``ZOOM_MARGIN`` over
    the second; under ``safe``, a soft image's unclear match joins every group within the margin
    (``ZOOM_AMBIGUOUS``).
-7. Groups still small join the large group of closest stain colour: splitting a true group
+8. Groups still small join the large group of closest stain colour: splitting a true group
    leaks while merging two does not.
 
 Measured on the 6,036 shared LC25000 tiles by ``bench/grouping.py``.
@@ -351,12 +354,12 @@ def detect_groups(
             when unsure).
         stages: if given, filled with the group count after the log-polar pairs, the weak
             correlations a keypoint check refused (``CONFIRM``), the groups each later stage
-            joined (``keypoint links``, ``direct keypoint check``, ``zoomed template match``,
-            ``stain colour``), the images the zoomed stage searched and its seconds, and the
+            joined (``keypoint links``, ``direct keypoint check``, ``large groups joined by
+            keypoints``, ``zoomed template match``, ``stain colour``), the images the zoomed stage searched and its seconds, and the
             final ``groups``.
         timings: if given, filled with the wall seconds of each stage (``log-polar``,
-            ``keypoint confirm``, ``keypoint links``, ``direct keypoint check``, ``zoomed``,
-            ``stain colour``; SIFT features are extracted by the first stage that needs them).
+            ``keypoint confirm``, ``keypoint links``, ``direct keypoint check``, ``large groups``,
+            ``zoomed``, ``stain colour``; SIFT features are extracted by the first stage that needs them).
         **options: tuning passed on as in ``near_duplicates`` (``threshold``, ``neighbours``, ...),
             and ``confirm`` (``CONFIRM``).
 
@@ -398,6 +401,13 @@ def detect_groups(
     component = components(pairs, len(paths))
     counts["joined by direct keypoint check"] = before - len(np.unique(component))
     clock.lap("direct keypoint check")
+    if strictness != "strict":
+        pairs = np.concatenate([pairs, keypoints.join_large(sift, prepared.members, component,
+                                                            small)])
+    before = len(np.unique(component))
+    component = components(pairs, len(paths))
+    counts["large groups joined by keypoints"] = before - len(np.unique(component))
+    clock.lap("large groups")
     started = time.perf_counter()
     queries, candidates, soft = prepared.zoom_queries(component, small)
     pairs = np.concatenate([pairs, zoomed.join_zoomed(

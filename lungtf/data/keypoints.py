@@ -45,6 +45,14 @@ LARGE_INLIERS = 50
 """Inliers of one image pair that join two large groups (overlapping sources reach ~40)."""
 REPRESENTATIVES = 5
 """Members of a large group that stand for it in the index."""
+LARGE_PAIRS = 5
+"""Representative pairs (of ``REPRESENTATIVES`` x ``REPRESENTATIVES``) with ``COPY_INLIERS`` that
+join two large groups in ``join_large``.
+
+At 15,000 tiles with realistic copies (``bench/grouping.py --copies realistic --tiles 15000``),
+sources split into two large groups matched in 15-18 of the 25 pairs (best pair 25-34 inliers,
+under ``LARGE_INLIERS``); 150 random pairs of other large groups of one class, in none (99th
+percentile; best pair 6 inliers)."""
 THOROUGH = 20
 """Members of each candidate group that ``join_unsure`` matches a *thorough* unit against.
 
@@ -244,6 +252,51 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
                         one, (0, (False, 0)))[1]:
                     small_best[one] = (other, rank)
         links += [(first[one], first[other]) for one, (other, _) in small_best.items()]
+    return np.array(links, int).reshape(-1, 2)
+
+
+def join_large(sift: SiftCache, members: list[np.ndarray], component: np.ndarray,
+               small: int) -> np.ndarray:
+    """Index pairs joining large groups that are pieces of one source.
+
+    A source whose copies formed two large groups before any stage joined them leaks whenever
+    the split puts the two on different sides, and ``link_groups`` joins two large groups only
+    on one very strong image pair (``LARGE_INLIERS``), which pieces of a zoomed, rotated source
+    may never reach. Here the representatives of every large group of a label are searched as in
+    ``link_groups``; each pair of groups with ``SMALL_EVIDENCE`` summed inliers there is then
+    matched exhaustively, representative against representative, and joined when
+    ``LARGE_PAIRS`` of those pairs reach ``COPY_INLIERS`` (two overlapping sources may join too:
+    merging costs a little stratification, a split source leaks).
+
+    Args:
+        sift: SIFT features of the images.
+        members: index arrays of the images of each label.
+        component: current group of each image.
+        small: groups at least this large are searched.
+
+    Returns:
+        int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
+    """
+    sizes = np.bincount(component)
+    first = np.unique(component, return_index=True)[1]
+    links = []
+    for m in members:
+        large = m[sizes[component[m]] >= small]
+        if len(np.unique(component[large])) < 2:
+            continue
+        reps = _representatives(component, large, small)
+        _, total = _label_links(sift.get(reps), component[reps], sift.workers)
+        for (a, b), evidence in sorted(total.items()):
+            if evidence < SMALL_EVIDENCE:
+                continue
+            targets = sift.get(reps[component[reps] == b])
+            strong = 0
+            for points, desc in sift.get(reps[component[reps] == a]):
+                found = matching.inliers([(points, desc), _mirror(points, desc)], targets,
+                                         COPY_INLIERS, vote=True)
+                strong += int((found >= COPY_INLIERS).sum())
+            if strong >= LARGE_PAIRS:
+                links.append((first[a], first[b]))
     return np.array(links, int).reshape(-1, 2)
 
 
