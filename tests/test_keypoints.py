@@ -38,8 +38,9 @@ def test_link_groups_joins_a_zoomed_rotated_mirror_bordered_copy_to_its_source(s
 def test_join_large_joins_pieces_of_one_source_and_not_two_sources(shared_data, tmp_path):
     """Two sources, each split into two large groups: 6 of its real tiles, and 6 copies of its
     other tiles zoomed in 1.3-1.9x off-centre, rotated and mirror-bordered (the pieces a large
-    realistic set left apart). ``join_large`` joins each source's pieces and never the two
-    sources, nor 3 groups of other real benign tiles. Checked: with ``LARGE_PAIRS`` above what
+    realistic set left apart). ``join_large``, given the image pairs ``link_groups`` verified,
+    joins each source's pieces and never the two sources, nor 3 groups of other real benign
+    tiles. Checked: with ``LARGE_PAIRS`` above what
     the pieces reach (26) nothing is joined."""
     import csv
 
@@ -67,7 +68,8 @@ def test_join_large_joins_pieces_of_one_source_and_not_two_sources(shared_data, 
         paths += [str(shared_data / r["path"]) for r in rows if r["group"] == source][:6]
         component += [4 + g] * 6
     component = np.array(component)
-    links = keypoints.join_large(keypoints.SiftCache(paths, 2), [np.arange(len(paths))],
-                                 component, small=5)
+    sift, evidence = keypoints.SiftCache(paths, 2), []
+    keypoints.link_groups(sift, [np.arange(len(paths))], component, 5, evidence)
+    links = keypoints.join_large(sift, component, 5, evidence)
     joined = {tuple(sorted((int(component[a]), int(component[b])))) for a, b in links.tolist()}
     assert joined == {(0, 1), (2, 3)}, joined

@@ -385,8 +385,9 @@ def detect_groups(
     counts = {"log-polar groups": len(np.unique(components(pairs, len(paths)))),
               "weak or soft correlations refused by keypoints": refused}
     clock.lap("keypoint confirm")
+    evidence: list[tuple[int, int, int]] = []
     pairs = np.concatenate([pairs, keypoints.link_groups(
-        sift, prepared.members, components(pairs, len(paths)), small)])
+        sift, prepared.members, components(pairs, len(paths)), small, evidence)])
     component = components(pairs, len(paths))
     counts["joined by keypoint links"] = counts["log-polar groups"] - len(np.unique(component))
     clock.lap("keypoint links")
@@ -402,8 +403,7 @@ def detect_groups(
     counts["joined by direct keypoint check"] = before - len(np.unique(component))
     clock.lap("direct keypoint check")
     if strictness != "strict":
-        pairs = np.concatenate([pairs, keypoints.join_large(sift, prepared.members, component,
-                                                            small)])
+        pairs = np.concatenate([pairs, keypoints.join_large(sift, component, small, evidence)])
     before = len(np.unique(component))
     component = components(pairs, len(paths))
     counts["large groups joined by keypoints"] = before - len(np.unique(component))

@@ -178,8 +178,10 @@ def _knn(index: cv2.flann_Index, query: np.ndarray, workers: int) -> tuple[np.nd
 
 
 def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray, workers: int,
-                 ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], int]]:
-    """Largest and summed verified inliers per pair of groups ``(a, b)``, ``a < b``, in one label.
+                 ) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], int],
+                            dict[tuple[int, int], int]]:
+    """Largest and summed verified inliers per pair of groups ``(a, b)``, ``a < b``, in one label,
+    and the verified inliers of each image pair (indices into ``features``).
 
     Every image pair counts once, with its best inliers over both query directions and both
     mirror states; the sum runs over the image pairs of the two groups.
@@ -211,11 +213,11 @@ def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray
         pair = (min(comp[a], comp[b]), max(comp[a], comp[b]))
         best[pair] = max(best.get(pair, 0), n)
         total[pair] = total.get(pair, 0) + n
-    return best, total
+    return best, total, pair_best
 
 
 def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarray,
-                small: int) -> np.ndarray:
+                small: int, evidence: list | None = None) -> np.ndarray:
     """Index pairs that join groups verified as copies by keypoint matching.
 
     Args:
@@ -225,6 +227,8 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
         small: groups smaller than this are joined to the large group with the most summed
             inliers (at least ``SMALL_EVIDENCE``), else to such a small group; two groups at
             least this large join when one image pair reaches ``LARGE_INLIERS``.
+        evidence: if given, extended with ``(image, image, inliers)`` of every image pair
+            verified (for ``join_large``).
 
     Returns:
         int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
@@ -237,7 +241,9 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
     links = []
     for m in members:
         reps = m[np.isin(m, chosen)]
-        best, total = _label_links(sift.get(reps), component[reps], sift.workers)
+        best, total, pair_best = _label_links(sift.get(reps), component[reps], sift.workers)
+        if evidence is not None:
+            evidence += [(int(reps[a]), int(reps[b]), n) for (a, b), n in pair_best.items()]
         small_best: dict[int, tuple[int, tuple[bool, int]]] = {}
         for (a, b), n in total.items():
             if sizes[a] >= small and sizes[b] >= small:
@@ -255,48 +261,48 @@ def link_groups(sift: SiftCache, members: list[np.ndarray], component: np.ndarra
     return np.array(links, int).reshape(-1, 2)
 
 
-def join_large(sift: SiftCache, members: list[np.ndarray], component: np.ndarray,
-               small: int) -> np.ndarray:
+def join_large(sift: SiftCache, component: np.ndarray, small: int,
+               evidence: list[tuple[int, int, int]]) -> np.ndarray:
     """Index pairs joining large groups that are pieces of one source.
 
     A source whose copies formed two large groups before any stage joined them leaks whenever
     the split puts the two on different sides, and ``link_groups`` joins two large groups only
     on one very strong image pair (``LARGE_INLIERS``), which pieces of a zoomed, rotated source
-    may never reach. Here the representatives of every large group of a label are searched as in
-    ``link_groups``; each pair of groups with ``SMALL_EVIDENCE`` summed inliers there is then
-    matched exhaustively, representative against representative, and joined when
-    ``LARGE_PAIRS`` of those pairs reach ``COPY_INLIERS`` (two overlapping sources may join too:
-    merging costs a little stratification, a split source leaks).
+    may never reach. Every pair of large groups holding an image pair that ``link_groups``
+    verified with ``COPY_INLIERS`` is matched exhaustively, representative against
+    representative, and joined when ``LARGE_PAIRS`` of those pairs reach ``COPY_INLIERS`` (two
+    overlapping sources may join too: merging costs a little stratification, a split source
+    leaks).
 
     Args:
         sift: SIFT features of the images.
-        members: index arrays of the images of each label.
         component: current group of each image.
-        small: groups at least this large are searched.
+        small: groups at least this large are checked.
+        evidence: ``(image, image, inliers)`` of image pairs (``link_groups``' ``evidence``).
 
     Returns:
         int array ``[M, 2]`` of image index pairs to add to the near-duplicate graph.
     """
     sizes = np.bincount(component)
     first = np.unique(component, return_index=True)[1]
+    candidates = sorted({(min(component[a], component[b]), max(component[a], component[b]))
+                         for a, b, n in evidence if n >= COPY_INLIERS
+                         and component[a] != component[b]
+                         and min(sizes[component[a]], sizes[component[b]]) >= small})
+    groups = {}
     links = []
-    for m in members:
-        large = m[sizes[component[m]] >= small]
-        if len(np.unique(component[large])) < 2:
-            continue
-        reps = _representatives(component, large, small)
-        _, total = _label_links(sift.get(reps), component[reps], sift.workers)
-        for (a, b), evidence in sorted(total.items()):
-            if evidence < SMALL_EVIDENCE:
-                continue
-            targets = sift.get(reps[component[reps] == b])
-            strong = 0
-            for points, desc in sift.get(reps[component[reps] == a]):
-                found = matching.inliers([(points, desc), _mirror(points, desc)], targets,
-                                         COPY_INLIERS, vote=True)
-                strong += int((found >= COPY_INLIERS).sum())
-            if strong >= LARGE_PAIRS:
-                links.append((first[a], first[b]))
+    for a, b in candidates:
+        for c in (a, b):
+            if c not in groups:
+                groups[c] = _representatives(component, np.flatnonzero(component == c), small)
+        targets = sift.get(groups[b])
+        strong = 0
+        for points, desc in sift.get(groups[a]):
+            found = matching.inliers([(points, desc), _mirror(points, desc)], targets,
+                                     COPY_INLIERS, vote=True)
+            strong += int((found >= COPY_INLIERS).sum())
+        if strong >= LARGE_PAIRS:
+            links.append((first[a], first[b]))
     return np.array(links, int).reshape(-1, 2)
 
 
