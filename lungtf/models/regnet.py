@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from lungtf.models import regnet_weights
 from lungtf.models.registry import PixelNormalization, register_backbone
-from lungtf.models.resnet import CONV_INIT, conv_bn, residual
+from lungtf.models.resnet import conv_bn, conv_init, residual
 
 STEM_WIDTH = 32
 SE_RATIO = 0.25
@@ -181,17 +181,17 @@ def y_block(x, width: int, stride: int, group_width: int, name: str):
     width_in = x.shape[-1]
     y = conv_bn(x, width, 1, 1, f"{name}_a")
     y = GroupedConv2D(
-        width, 3, stride, group_width, kernel_initializer=CONV_INIT, name=f"{name}_b_conv"
+        width, 3, stride, group_width, kernel_initializer=conv_init(), name=f"{name}_b_conv"
     )(y)
     y = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}_b_bn")(y)
     y = keras.layers.ReLU(name=f"{name}_b_relu")(y)
     se = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool")(y)
     se = keras.layers.Conv2D(
-        max(1, int(SE_RATIO * width_in)), 1, activation="relu", kernel_initializer=CONV_INIT,
+        max(1, int(SE_RATIO * width_in)), 1, activation="relu", kernel_initializer=conv_init(),
         name=f"{name}_se_reduce",
     )(se)
     se = keras.layers.Conv2D(
-        width, 1, activation="sigmoid", kernel_initializer=CONV_INIT, name=f"{name}_se_expand"
+        width, 1, activation="sigmoid", kernel_initializer=conv_init(), name=f"{name}_se_expand"
     )(se)
     y = keras.layers.Multiply(name=f"{name}_se_scale")([y, se])
     y = conv_bn(y, width, 1, 1, f"{name}_c", relu=False)

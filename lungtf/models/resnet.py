@@ -19,8 +19,16 @@ from lungtf.models.registry import (
     register_backbone,
 )
 
-CONV_INIT = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
-"""He (fan-out) initialisation, as the ResNet/RegNet reference code uses for training from scratch."""
+
+def conv_init() -> keras.initializers.Initializer:
+    """He (fan-out) initialisation, as the ResNet/RegNet reference code uses for training from
+    scratch: a new initialiser for every layer.
+
+    One shared instance (as before) drew its random seed once, when this module was imported
+    (before ``keras.utils.set_random_seed``), and then gave every kernel of the same shape the
+    same values: a model built from scratch was neither reproducible across processes nor had
+    independent layers. A new one per layer draws its seed when the layer is made."""
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
 
 RESNET34_DEPTHS = (3, 4, 6, 3)
 RESNET34_WIDTHS = (64, 128, 256, 512)
@@ -35,7 +43,7 @@ def conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = T
     """Bias-free convolution, BatchNorm (eps 1e-5, momentum 0.9), optional ReLU."""
     x = keras.layers.Conv2D(
         filters, kernel, strides=stride, padding="same", use_bias=False,
-        kernel_initializer=CONV_INIT, name=f"{name}_conv",
+        kernel_initializer=conv_init(), name=f"{name}_conv",
     )(x)
     x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
