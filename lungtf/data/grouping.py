@@ -355,11 +355,12 @@ def detect_groups(
         stages: if given, filled with the group count after the log-polar pairs, the weak
             correlations a keypoint check refused (``CONFIRM``), the groups each later stage
             joined (``keypoint links``, ``direct keypoint check``, ``large groups joined by
-            keypoints``, ``zoomed template match``, ``stain colour``), the images the zoomed stage searched and its seconds, and the
-            final ``groups``.
+            keypoints``, ``zoomed template match``, ``stain colour``), the images the zoomed
+            stage searched and its seconds, and the final ``groups``.
         timings: if given, filled with the wall seconds of each stage (``log-polar``,
             ``keypoint confirm``, ``keypoint links``, ``direct keypoint check``, ``large groups``,
-            ``zoomed``, ``stain colour``; SIFT features are extracted by the first stage that needs them).
+            ``zoomed``, ``stain colour``; SIFT features are extracted by the first stage that
+            needs them).
         **options: tuning passed on as in ``near_duplicates`` (``threshold``, ``neighbours``, ...),
             and ``confirm`` (``CONFIRM``).
 

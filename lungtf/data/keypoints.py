@@ -114,9 +114,13 @@ def _mirror(points: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """Keypoints and descriptors of the left-right mirrored image, from the image's own."""
     mirrored = points.copy()
     mirrored[:, 0] = SIZE - 1 - mirrored[:, 0]
-    if mirrored.shape[1] > 2:  # orientation, degrees (y down): a left-right mirror reverses it
-        mirrored[:, 2] = np.mod(180 - mirrored[:, 2], 360)
+    mirrored[:, 2] = np.mod(180 - mirrored[:, 2], 360)  # orientation (y down): reversed
     return mirrored, np.ascontiguousarray(desc[:, _MIRROR])
+
+
+def _views(points: np.ndarray, desc: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An image's keypoints as shot and mirrored, the ``views`` of ``matching.inliers``."""
+    return [(points, desc), _mirror(points, desc)]
 
 
 def _one_to_one(key: np.ndarray, query: np.ndarray, db: np.ndarray,
@@ -197,7 +201,7 @@ def _label_links(features: list[tuple[np.ndarray, np.ndarray]], comp: np.ndarray
     pair_best: dict[tuple[int, int], int] = {}
     if len(desc) > NEIGHBOURS:
         index = _index(desc)
-        for query_points, query in ((points, desc), _mirror(points, desc)):
+        for query_points, query in _views(points, desc):
             hits, distance = _knn(index, query, workers)
             keep = comp[owner[hits]] != comp[owner][:, None]
             rows, hits, distance = np.nonzero(keep)[0], hits[keep], distance[keep]
@@ -298,8 +302,7 @@ def join_large(sift: SiftCache, component: np.ndarray, small: int,
         targets = sift.get(groups[b])
         strong = 0
         for points, desc in sift.get(groups[a]):
-            found = matching.inliers([(points, desc), _mirror(points, desc)], targets,
-                                     COPY_INLIERS, vote=True)
+            found = matching.inliers(_views(points, desc), targets, COPY_INLIERS, vote=True)
             strong += int((found >= COPY_INLIERS).sum())
         if strong >= LARGE_PAIRS:
             links.append((first[a], first[b]))
@@ -332,7 +335,7 @@ def pair_inliers(sift: SiftCache, pairs: np.ndarray) -> np.ndarray:
 
     def count(pair: np.ndarray) -> int:
         points, desc = sift.get([pair[0]])[0]
-        return int(matching.inliers([(points, desc), _mirror(points, desc)], sift.get([pair[1]]))[0])
+        return int(matching.inliers(_views(points, desc), sift.get([pair[1]]))[0])
 
     with threadpool_limits(1, "blas"), ThreadPoolExecutor(sift.workers) as pool:
         return np.fromiter(pool.map(count, pairs), int, len(pairs))
@@ -385,7 +388,7 @@ def join_unsure(sift: SiftCache, component: np.ndarray, units: list[np.ndarray],
         targets = sift.get(np.concatenate(reps))
         evidence = np.zeros(len(candidates), int)
         for points, desc in sift.get(unit):
-            found = matching.inliers([(points, desc), _mirror(points, desc)], targets, need,
+            found = matching.inliers(_views(points, desc), targets, need,
                                      vote=True)
             evidence += np.bincount(owner, np.where(found >= need, found, 0),
                                     len(candidates)).astype(int)
@@ -428,7 +431,7 @@ def cross_matches(sift: SiftCache, queries: np.ndarray, database: np.ndarray,
 
     def best(query: int) -> tuple[int, int, int]:
         points, desc = sift.get([query])[0]
-        views = [(points, desc), _mirror(points, desc)]
+        views = _views(points, desc)
         votes = [np.zeros(0, np.int64)]
         for flip, (_, view) in enumerate(views):
             if len(view):

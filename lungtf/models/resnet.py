@@ -30,6 +30,7 @@ def conv_init() -> keras.initializers.Initializer:
     independent layers. A new one per layer draws its seed when the layer is made."""
     return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
 
+
 RESNET34_DEPTHS = (3, 4, 6, 3)
 RESNET34_WIDTHS = (64, 128, 256, 512)
 
